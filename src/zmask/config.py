@@ -1,0 +1,179 @@
+"""Configuration of a Z-Mask defense (which layers, which kernels, which variants)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kernel = tuple[int, int]
+
+# The paper's kernels (height, width), for the heatmap sizes it used (spec section 1.4).
+PAPER_SEGMENTATION_HEATMAP: tuple[int, int] = (150, 300)
+PAPER_SEGMENTATION_SHALLOW_KERNELS: tuple[Kernel, ...] = ((64, 128), (32, 64), (16, 32), (8, 16))
+PAPER_SEGMENTATION_DEEP_KERNELS: tuple[Kernel, ...] = ((64, 128), (32, 64))
+PAPER_DETECTION_HEATMAP: tuple[int, int] = (400, 500)
+PAPER_DETECTION_SHALLOW_KERNELS: tuple[Kernel, ...] = ((40, 40), (25, 25), (10, 10))
+PAPER_DETECTION_DEEP_KERNELS: tuple[Kernel, ...] = ((80, 80), (40, 40))
+
+_CHOICES = {
+    "spr_variant": ("reference", "paper"),
+    "pooling": ("valid_stretch", "same"),
+    "std_estimator": ("reference", "pooled"),
+    "score": ("reference", "paper"),
+    "box_method": ("auto", "table", "separable"),
+}
+
+
+def scale_kernels(kernels: tuple[Kernel, ...], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[Kernel, ...]:
+    """Scale kernels defined for heatmap ``from_size`` to heatmap ``to_size`` (at least 1x1)."""
+    sh, sw = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return tuple((max(1, round(kh * sh)), max(1, round(kw * sw))) for kh, kw in kernels)
+
+
+@dataclass(frozen=True)
+class ZMaskConfig:
+    """Everything that defines a Z-Mask defense apart from fitted values.
+
+    Attributes:
+        shallow_layers: module names of the set S (fine spatial detail).
+        deep_layers: module names of the set D (context); may include shallow layers.
+        shallow_kernels, deep_kernels: SPR kernels (height, width), largest first.
+        heatmap_size: working size H_R x W_R of all heatmaps.
+        spr_variant: "reference" (authors' code, default) or "paper" (Eq. 3).
+        pooling: "valid_stretch" (authors' code, default) or "same" (aligned).
+        planes: number P of row-major chunks with their own statistics.
+        std_estimator: "reference" (mean of per-image stds, default) or "pooled".
+        eps: added to sigma in the Z-score.
+        std_floor: sigma is clamped to at least this before adding eps.
+        score: detection score definition, "reference" (default) or "paper".
+        mask_threshold: soft-mask threshold of Eq. 4 (strict >).
+        fill_value: value written under masked pixels, in the space the model consumes; a scalar
+            or one value per input channel (0 = black for models taking [0, 1] images).
+        in_channels: expected channel count of the model input.
+        box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
+            matrices; "table"/"separable" force one (results agree to float32 round-off).
+        channel_chunk: channels processed at once by the refinement (bounds peak memory).
+    """
+
+    shallow_layers: tuple[str, ...]
+    deep_layers: tuple[str, ...]
+    shallow_kernels: tuple[Kernel, ...] = PAPER_SEGMENTATION_SHALLOW_KERNELS
+    deep_kernels: tuple[Kernel, ...] = PAPER_SEGMENTATION_DEEP_KERNELS
+    heatmap_size: tuple[int, int] = PAPER_SEGMENTATION_HEATMAP
+    spr_variant: Literal["reference", "paper"] = "reference"
+    pooling: Literal["valid_stretch", "same"] = "valid_stretch"
+    planes: int = 1
+    std_estimator: Literal["reference", "pooled"] = "reference"
+    eps: float = 1e-5
+    std_floor: float = 0.0
+    score: Literal["reference", "paper"] = "reference"
+    mask_threshold: float = 0.5
+    fill_value: float | tuple[float, ...] = 0.0
+    in_channels: int = 3
+    box_method: Literal["auto", "table", "separable"] = "auto"
+    channel_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
+        for name in ("shallow_layers", "deep_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{name} must be a sequence of module names (strings), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("shallow_kernels", "deep_kernels"):
+            object.__setattr__(self, name, tuple(_as_pair(k, name) for k in getattr(self, name)))
+        object.__setattr__(self, "heatmap_size", _as_pair(self.heatmap_size, "heatmap_size"))
+        if isinstance(self.fill_value, (list, tuple)):
+            object.__setattr__(self, "fill_value", tuple(float(v) for v in self.fill_value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        if not self.shallow_layers:
+            raise ValueError("shallow_layers (the set S) is empty: name at least one layer")
+        if not self.deep_layers:
+            raise ValueError("deep_layers (the set D) is empty: name at least one layer")
+        for name in ("shallow_kernels", "deep_kernels"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: give at least one (height, width) kernel")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        height, width = self.heatmap_size
+        for kh, kw in self.shallow_kernels + self.deep_kernels:
+            if kh > height or kw > width:
+                raise ValueError(
+                    f"kernel ({kh}, {kw}) is larger than the heatmap size {self.heatmap_size}: "
+                    "enlarge heatmap_size or scale the kernels (zmask.config.scale_kernels)"
+                )
+        if self.planes < 1 or (height * width) % self.planes:
+            raise ValueError(f"planes={self.planes} must be >= 1 and divide H_R*W_R={height * width}")
+        if not (self.eps >= 0 and self.std_floor >= 0 and math.isfinite(self.eps + self.std_floor)):
+            raise ValueError("eps and std_floor must be finite and non-negative")
+        if self.eps + self.std_floor <= 0:
+            raise ValueError("eps + std_floor must be positive, or a constant channel divides by zero")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1)")
+        if isinstance(self.fill_value, tuple) and len(self.fill_value) != self.in_channels:
+            raise ValueError(f"fill_value has {len(self.fill_value)} values for {self.in_channels} input channels")
+        if self.channel_chunk < 1:
+            raise ValueError("channel_chunk must be >= 1")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """All layers read by the defense, each once, S first."""
+        return tuple(dict.fromkeys(self.shallow_layers + self.deep_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZMaskConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so that typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ZMaskConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_segmentation(cls, shallow_layers, deep_layers, input_size: tuple[int, int], **kwargs: Any) -> ZMaskConfig:
+        """The paper's segmentation setting, heatmap and kernels scaled from 1024x2048 to ``input_size``."""
+        return cls._scaled(shallow_layers, deep_layers, input_size, (1024, 2048), PAPER_SEGMENTATION_HEATMAP,
+                           PAPER_SEGMENTATION_SHALLOW_KERNELS, PAPER_SEGMENTATION_DEEP_KERNELS, kwargs)
+
+    @classmethod
+    def for_detection(cls, shallow_layers, deep_layers, input_size: tuple[int, int], **kwargs: Any) -> ZMaskConfig:
+        """The paper's COCO detection setting (400x500 heatmap for ~800x1000 inputs), scaled to ``input_size``."""
+        return cls._scaled(shallow_layers, deep_layers, input_size, (800, 1000), PAPER_DETECTION_HEATMAP,
+                           PAPER_DETECTION_SHALLOW_KERNELS, PAPER_DETECTION_DEEP_KERNELS, kwargs)
+
+    @classmethod
+    def _scaled(cls, shallow, deep, input_size, paper_input, paper_heatmap, s_kernels, d_kernels, kwargs):
+        ratio_h, ratio_w = paper_heatmap[0] / paper_input[0], paper_heatmap[1] / paper_input[1]
+        heatmap = (max(8, round(input_size[0] * ratio_h)), max(8, round(input_size[1] * ratio_w)))
+        return cls(
+            shallow_layers=tuple(shallow),
+            deep_layers=tuple(deep),
+            shallow_kernels=scale_kernels(s_kernels, paper_heatmap, heatmap),
+            deep_kernels=scale_kernels(d_kernels, paper_heatmap, heatmap),
+            heatmap_size=heatmap,
+            **kwargs,
+        )
+
+
+def _as_pair(value: Any, name: str) -> tuple[int, int]:
+    try:
+        first, second = value
+        pair = (int(first), int(second))
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a (height, width) pair of integers, got {value!r}") from None
+    if pair != (first, second) or min(pair) < 1:
+        raise ValueError(f"{name}: expected positive integers, got {value!r}")
+    return pair

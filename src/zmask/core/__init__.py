@@ -1,0 +1,1 @@
+"""The defense core: activation capture, clean statistics, spatial pooling refinement, fusion."""

@@ -1,0 +1,59 @@
+"""Choosing the detection threshold lambda0 by ROC analysis of clean vs patched scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen threshold and the operating point it gives on the calibration scores."""
+
+    threshold: float
+    true_positive_rate: float
+    false_positive_rate: float
+    auc: float
+    criterion: str
+
+
+def _as_scores(values, name: str) -> np.ndarray:
+    array = np.asarray(torch.as_tensor(values).detach().cpu().double().flatten())
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: calibration needs clean and patched scores")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return array
+
+
+def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None) -> Calibration:
+    """lambda0 such that ``score > lambda0`` flags an attack.
+
+    Default criterion: Youden's J (max TPR - FPR). With ``target_fpr``, the operating point with
+    the highest TPR whose FPR does not exceed it. The threshold is placed halfway between the
+    lowest flagged score and the next lower score, so the strict comparison reproduces the point.
+    """
+    clean = _as_scores(clean_scores, "clean_scores")
+    patched = _as_scores(patched_scores, "patched_scores")
+    if target_fpr is not None and not 0.0 <= target_fpr <= 1.0:
+        raise ValueError(f"target_fpr={target_fpr} must lie in [0, 1]")
+    labels = np.concatenate([np.zeros(clean.size), np.ones(patched.size)])
+    scores = np.concatenate([clean, patched])
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    if target_fpr is None:
+        index, criterion = int(np.argmax(tpr - fpr)), "youden"
+    else:
+        allowed = np.flatnonzero(fpr <= target_fpr)
+        index, criterion = int(allowed[np.argmax(tpr[allowed])]), f"fpr<={target_fpr}"
+    lowest_flagged = thresholds[index]
+    if not np.isfinite(lowest_flagged):  # sklearn's first point flags nothing
+        threshold = float(scores.max())
+    else:
+        below = scores[scores < lowest_flagged]
+        threshold = float((lowest_flagged + below.max()) / 2) if below.size else float(lowest_flagged) - 1e-12
+    flagged_clean = float((clean > threshold).mean())
+    flagged_patched = float((patched > threshold).mean())
+    return Calibration(threshold, flagged_patched, flagged_clean, float(roc_auc_score(labels, scores)), criterion)

@@ -1,0 +1,86 @@
+"""Index geometry shared by the refinement: legacy nearest resizing and pooling windows.
+
+Every spatial step between a layer's raw activation and its pooled heatmap is a selection or an
+average along one axis at a time. This module describes those steps as integer index vectors so
+that the refinement can evaluate them without materialising the intermediate maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Pooling = Literal["valid_stretch", "same"]
+
+
+def legacy_nearest_indices(in_size: int, out_size: int) -> torch.Tensor:
+    """Source index of every output position of ``F.interpolate(mode="nearest")`` along one axis.
+
+    Computed by interpolating an index ramp, so the result matches PyTorch's own rounding
+    (floor(dst * in / out) in float32) exactly on every version.
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size)
+    return F.interpolate(ramp, size=out_size, mode="nearest").view(out_size).long()
+
+
+@dataclass(frozen=True)
+class AxisWindows:
+    """Averaging windows along one axis of the heatmap grid, deduplicated.
+
+    Output position ``j`` of the pooled-and-resized map is the mean of grid positions
+    ``[start[inverse[j]], end[inverse[j]])``; ``start``/``end`` hold each distinct window once.
+    """
+
+    start: torch.Tensor
+    end: torch.Tensor
+    inverse: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.start.numel())
+
+    @property
+    def length(self) -> torch.Tensor:
+        return self.end - self.start
+
+
+def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
+    """Windows of a stride-1 box filter of width ``kernel`` on an axis of ``size`` positions.
+
+    ``valid_stretch`` (the authors' code): unpadded pooling gives ``size - kernel + 1`` values,
+    stretched back to ``size`` with legacy nearest resizing. ``same``: each output is the mean of
+    the in-bounds part of a window placed ``(kernel - 1) // 2`` before it (padding that does not
+    count in the divisor).
+    """
+    if kernel < 1 or kernel > size:
+        raise ValueError(f"kernel {kernel} does not fit an axis of {size} positions")
+    if pooling == "valid_stretch":
+        pooled = size - kernel + 1
+        starts = legacy_nearest_indices(pooled, size)
+        ends = starts + kernel
+    elif pooling == "same":
+        positions = torch.arange(size)
+        starts = (positions - (kernel - 1) // 2).clamp(min=0)
+        ends = (positions + kernel // 2 + 1).clamp(max=size)
+    else:
+        raise ValueError(f"unknown pooling geometry {pooling!r}; use 'valid_stretch' or 'same'")
+    keys = starts * (size + 1) + ends
+    unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    return AxisWindows(start=unique_keys // (size + 1), end=unique_keys % (size + 1), inverse=inverse)
+
+
+def window_weights(windows: AxisWindows, source_index: torch.Tensor, source_size: int) -> torch.Tensor:
+    """Matrix ``W`` (windows x source_size) such that ``W @ v`` averages the windows of ``v[source_index]``.
+
+    ``source_index`` maps each grid position to a position of the native (un-resized) axis, so the
+    matrix folds the nearest resize and the box average into one linear map on the native axis.
+    """
+    one_hot = F.one_hot(source_index, source_size).to(torch.float64)
+    cumulative = torch.cat([one_hot.new_zeros(1, source_size), one_hot.cumsum(0)])
+    counts = cumulative[windows.end] - cumulative[windows.start]
+    return counts / windows.length.unsqueeze(1).to(torch.float64)
