@@ -41,7 +41,7 @@ class FusionBlock(nn.Module):
         return torch.sigmoid(self.c2 * torch.tanh(self.c1 * (shallow * roi) + self.e1) + self.e2)
 
     def values(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in PARAMETER_NAMES}
+        return {name: float(getattr(self, name).detach()) for name in PARAMETER_NAMES}
 
     def load_values(self, values: Mapping[str, float | torch.Tensor]) -> None:
         missing = [n for n in PARAMETER_NAMES if n not in values]
@@ -140,7 +140,7 @@ def train_fusion(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         history.append(total / len(order))
     block.eval()
     return history

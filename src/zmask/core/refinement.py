@@ -176,8 +176,9 @@ def _slice_channels(values: torch.Tensor, part: slice) -> torch.Tensor:
 def zscore_direct(activation: torch.Tensor, stats: LayerStatistics, config: ZMaskConfig) -> torch.Tensor:
     """z = (R(h) - mu) / (max(sigma, floor) + eps) on the heatmap grid (B x C x H_R x W_R)."""
     mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
-    grid = F.interpolate(activation.float(), size=config.heatmap_size, mode="nearest")
-    return (grid - mean.to(grid.device)) * scale.to(grid.device)
+    dtype = torch.promote_types(activation.dtype, torch.float32)  # float64 in, float64 out (exact oracle)
+    grid = F.interpolate(activation.to(dtype), size=config.heatmap_size, mode="nearest")
+    return (grid - mean.to(grid)) * scale.to(grid)
 
 
 def avg_pool_direct(zscore: torch.Tensor, kernel: Kernel, pooling: str) -> torch.Tensor:

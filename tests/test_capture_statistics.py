@@ -1,0 +1,125 @@
+"""Activation capture and clean statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zmask import ActivationCapture, StatisticsAccumulator
+from zmask.core.statistics import resize_nearest, split_planes
+
+
+class InPlaceNet(nn.Module):
+    """conv -> in-place ReLU, a shared module used twice, and a tuple-returning block."""
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x * 2, x - 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.pair = self.Pair()
+
+    def forward(self, x):
+        y = self.relu(self.conv(x))
+        y = self.shared(self.shared(y))
+        a, b = self.pair(y)
+        return a + b
+
+
+def test_capture_clones_before_inplace_ops():
+    model = InPlaceNet()
+    x = torch.randn(2, 3, 8, 8)
+    with ActivationCapture(model, ["conv", "pair[1]"], on_repeat="error") as capture:
+        model(x)
+    expected = model.conv(x)
+    torch.testing.assert_close(capture.activations["conv"], expected)
+    assert (capture.activations["conv"] < 0).any(), "the in-place ReLU must not have changed the captured map"
+    assert capture.activations["pair[1]"].shape == (2, 4, 8, 8)
+
+
+def test_capture_repeat_policies():
+    model = InPlaceNet()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="ran more than once"):
+        with ActivationCapture(model, ["shared"]):
+            model(x)
+    results = {}
+    for policy in ("first", "last"):
+        with ActivationCapture(model, ["shared"], on_repeat=policy) as capture:
+            model(x)
+        results[policy] = capture.activations["shared"]
+    first = model.shared(model.relu(model.conv(x)))
+    torch.testing.assert_close(results["first"], first)
+    torch.testing.assert_close(results["last"], model.shared(first))
+
+
+def test_capture_errors_name_the_problem():
+    model = InPlaceNet()
+    with pytest.raises(ValueError, match="no layer 'convv'.*did you mean 'conv'"):
+        ActivationCapture(model, ["convv"])
+    with pytest.raises(ValueError, match=r"returns a tuple of 2 items.*pair\[0\]"):
+        with ActivationCapture(model, ["pair"]):
+            model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="single tensor"):
+        with ActivationCapture(model, ["conv[0]"]):
+            model(torch.randn(1, 3, 8, 8))
+
+
+def test_capture_is_differentiable_and_removes_hooks():
+    model = InPlaceNet()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    with ActivationCapture(model, ["conv"]) as capture:
+        model(x)
+    capture.activations["conv"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not model.conv._forward_hooks
+
+
+def test_reference_estimator_is_mean_of_per_image_stats():
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(3, 5, 6, 8, generator=generator) * (i + 1) + i for i in range(3)]
+    accumulator = StatisticsAccumulator((6, 8))
+    for batch in maps:
+        accumulator.update({"layer": batch})
+    stats = accumulator.compute()["layer"]
+    everything = torch.cat(maps).double()
+    torch.testing.assert_close(stats.mean.view(-1), everything.mean((2, 3)).mean(0).float())
+    torch.testing.assert_close(stats.std.view(-1), everything.std((2, 3)).mean(0).float())
+    assert accumulator.images == 9
+
+
+def test_pooled_estimator_and_merge_match_one_pass():
+    generator = torch.Generator().manual_seed(1)
+    maps = [torch.randn(2, 4, 10, 12, generator=generator) * (i + 1) + 3 * i for i in range(4)]
+    first, second = StatisticsAccumulator((10, 12), 2, "pooled"), StatisticsAccumulator((10, 12), 2, "pooled")
+    for i, batch in enumerate(maps):
+        (first if i < 2 else second).update({"layer": batch})
+    first.merge(second)
+    stats = first.compute()["layer"]
+    planes = split_planes(torch.cat(maps).double(), 2)
+    torch.testing.assert_close(stats.mean, planes.mean((0, 3)).float())
+    torch.testing.assert_close(stats.std, planes.transpose(0, 2).reshape(2, 4, -1).transpose(0, 1).std(-1).float())
+
+
+def test_statistics_are_taken_after_resizing():
+    activation = torch.arange(4.0).view(1, 1, 2, 2)
+    accumulator = StatisticsAccumulator((3, 3))
+    accumulator.update({"layer": activation})
+    resized = resize_nearest(activation, (3, 3))
+    assert accumulator.compute()["layer"].mean.item() == pytest.approx(resized.mean().item())
+
+
+def test_statistics_errors():
+    with pytest.raises(ValueError, match="no clean images"):
+        StatisticsAccumulator((4, 4)).compute()
+    accumulator = StatisticsAccumulator((4, 4))
+    accumulator.update({"layer": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(ValueError, match="changed its channel count"):
+        accumulator.update({"layer": torch.randn(1, 5, 4, 4)})
+    with pytest.raises(ValueError, match="B x C x H x W"):
+        accumulator.update({"layer": torch.randn(1, 5)})

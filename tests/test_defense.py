@@ -1,0 +1,163 @@
+"""The defended model end to end on the toy network: fitting, gating, masking, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zmask import FusionTraining, NotFittedError, ZMask, ZMaskConfig
+from zmask.defense import merge_outputs
+
+from .toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    defense = ZMask(seeded_toy(), TOY_CONFIG, seed=0)
+    defense.fit_statistics(clean_batches(6))
+    patched = [patched_batch(4, seed=s) for s in range(6)]
+    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
+    defense.fit_fusion(patched + clean, FusionTraining(epochs=30, batch_size=8, learning_rate=0.05))
+    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
+    return defense
+
+
+def test_detects_and_masks_patches(fitted):
+    images, masks = patched_batch(4, seed=200)
+    result = fitted(images)
+    assert result.detection.flagged.all()
+    keep = result.detection.keep_mask
+    assert keep.shape == (4, 1, 96, 128)
+    covered = ((1 - keep) * masks).sum() / masks.sum()
+    assert covered > 0.5, f"only {float(covered):.2f} of the patch pixels were masked"
+
+
+def test_clean_images_are_not_reprocessed(fitted, monkeypatch):
+    calls = []
+    original = fitted.model.forward
+    monkeypatch.setattr(fitted.model, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    clean = clean_batches(1, 3, seed=77)[0]
+    result = fitted(clean)
+    assert not result.detection.flagged.any()
+    assert calls == [3], "a batch with no flagged image must not run the model a second time"
+    assert torch.all(result.detection.keep_mask == 1)
+    torch.testing.assert_close(result.output, original(clean))
+
+
+def test_only_flagged_images_are_reprocessed(fitted, monkeypatch):
+    images, _ = patched_batch(2, seed=300)
+    batch = torch.cat([images, clean_batches(1, 2, seed=78)[0]])
+    calls = []
+    original = fitted.model.forward
+    monkeypatch.setattr(fitted.model, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    result = fitted(batch)
+    assert result.detection.flagged.tolist() == [True, True, False, False]
+    assert calls == [4, 2]
+    masked = fitted.apply_mask(batch[:2], result.detection.keep_mask[:2])
+    torch.testing.assert_close(result.output[:2], original(masked))
+    torch.testing.assert_close(result.output[2:], original(batch[2:]))
+
+
+def test_gate_off_masks_everything_and_fill_value(fitted):
+    images, _ = patched_batch(1, seed=5)
+    detection = fitted.detect(images, gate=False)
+    assert detection.flagged.all()
+    defense = ZMask(fitted.model, TOY_CONFIG.replace(fill_value=(0.1, 0.2, 0.3)), statistics=fitted.statistics, fusion=fitted.fusion)
+    keep = torch.zeros(1, 1, 96, 128)
+    filled = defense.apply_mask(images, keep)
+    assert torch.allclose(filled[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_return_heatmaps_and_determinism(fitted):
+    images, _ = patched_batch(2, seed=9)
+    first = fitted(images, return_heatmaps=True)
+    second = fitted(images, return_heatmaps=True)
+    assert first.heatmaps.shallow.shape == (2, 1, 48, 64)
+    torch.testing.assert_close(first.detection.score, second.detection.score, rtol=0, atol=0)
+
+
+def test_fitting_is_reproducible_with_a_seed():
+    values = []
+    for _ in range(2):
+        defense = ZMask(seeded_toy(), TOY_CONFIG, seed=4)
+        defense.fit_statistics(clean_batches(2))
+        defense.fit_fusion([patched_batch(4, seed=1)], FusionTraining(epochs=2, seed=4))
+        values.append(defense.fusion.values())
+    assert values[0] == values[1]
+
+
+def test_fit_statistics_restores_training_mode_and_max_images():
+    model = seeded_toy().train()
+    defense = ZMask(model, TOY_CONFIG)
+    defense.fit_statistics(clean_batches(5, 2), max_images=3)
+    assert model.training
+    assert defense.fit_input_size == (96, 128)
+
+
+@pytest.mark.parametrize(
+    "images,error,pattern",
+    [
+        ([1.0], TypeError, "must be a torch.Tensor"),
+        (torch.rand(3, 96, 128), ValueError, "must be 4-D.*unsqueeze"),
+        (torch.zeros(1, 3, 96, 128, dtype=torch.uint8), TypeError, "floating-point"),
+        (torch.rand(0, 3, 96, 128), ValueError, "empty batch"),
+        (torch.rand(1, 4, 96, 128), ValueError, "4 channels, the model expects 3"),
+        (torch.full((1, 3, 96, 128), float("nan")), ValueError, "NaN or Inf"),
+        (torch.full((1, 3, 96, 128), float("inf")), ValueError, "NaN or Inf"),
+    ],
+)
+def test_bad_images_get_clear_errors(fitted, images, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fitted(images)
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="larger than the heatmap size"):
+        TOY_CONFIG.replace(heatmap_size=(10, 10))
+    with pytest.raises(ValueError, match="spr_variant"):
+        TOY_CONFIG.replace(spr_variant="other")
+    with pytest.raises(ValueError, match="planes"):
+        TOY_CONFIG.replace(planes=7)
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        ZMaskConfig.from_dict({**TOY_CONFIG.to_dict(), "kernal": 3})
+    with pytest.raises(TypeError, match="sequence of module names"):
+        ZMaskConfig(shallow_layers="c1", deep_layers=("c2",))
+    with pytest.raises(ValueError, match="no layer 'c9'"):
+        ZMask(seeded_toy(), TOY_CONFIG.replace(deep_layers=("c9",)))
+
+
+def test_missing_fitted_state():
+    defense = ZMask(seeded_toy(), TOY_CONFIG)
+    images = torch.rand(1, 3, 96, 128)
+    with pytest.raises(NotFittedError, match="fit_statistics"):
+        defense(images)
+    defense.fit_statistics(clean_batches(1))
+    with pytest.raises(NotFittedError, match="calibrate"):
+        defense(images)
+    with pytest.raises(ValueError, match="both clean images"):
+        defense.calibrate([patched_batch(2)])
+
+
+def test_statistics_for_another_model_are_rejected(fitted):
+    class Wider(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 24, 3, 2, 1), nn.Conv2d(24, 32, 3, 2, 1)
+
+        def forward(self, x):
+            return self.c3(self.c2(self.c1(x)))
+
+    defense = ZMask(Wider(), TOY_CONFIG, statistics=fitted.statistics, fusion=fitted.fusion, threshold=0.1)
+    with pytest.raises(ValueError, match="layer 'c2' has 24 channels but its statistics 16"):
+        defense(torch.rand(1, 3, 96, 128))
+
+
+def test_merge_outputs_structures():
+    index = torch.tensor([1])
+    assert merge_outputs(torch.zeros(3, 2), torch.ones(1, 2), index)[1].tolist() == [1.0, 1.0]
+    assert merge_outputs([{"a": 0}, {"a": 1}], [{"a": 9}], index) == [{"a": 0}, {"a": 9}]
+    merged = merge_outputs({"x": torch.zeros(2)}, {"x": torch.ones(1)}, index)
+    assert merged["x"].tolist() == [0.0, 1.0]
+    with pytest.raises(TypeError, match="cannot merge"):
+        merge_outputs("text", "text", index)

@@ -1,0 +1,103 @@
+"""Profiles: round trip, and every way a profile file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from zmask import ProfileError, ZMask
+from zmask.core.profile import MAX_PROFILE_BYTES
+
+from .toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch, seeded_toy
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = seeded_toy()
+    defense = ZMask(model, TOY_CONFIG.replace(fill_value=0.5))
+    defense.fit_statistics(clean_batches(2))
+    defense.calibrate([patched_batch(4), (clean_batches(1, 4)[0], torch.zeros(4, 1, 96, 128))])
+    path = defense.save(tmp_path_factory.mktemp("profiles") / "toy.safetensors")
+    return defense, path
+
+
+def test_round_trip_gives_identical_results(saved):
+    defense, path = saved
+    loaded = ZMask.load(path, defense.model)
+    assert loaded.config == defense.config
+    assert loaded.threshold == defense.threshold
+    assert loaded.fit_input_size == (96, 128)
+    images, _ = patched_batch(2, seed=3)
+    first, second = defense(images), loaded(images)
+    torch.testing.assert_close(first.detection.score, second.detection.score, rtol=0, atol=0)
+    torch.testing.assert_close(first.output, second.output, rtol=0, atol=0)
+
+
+def test_truncated_profile(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    for length in (4, 100, len(data) - 10):
+        broken = tmp_path / f"truncated{length}.safetensors"
+        broken.write_bytes(data[:length])
+        with pytest.raises(ProfileError, match="truncated|corrupted"):
+            ZMask.load(broken, seeded_toy())
+
+
+def test_corrupted_tensor_bytes_are_detected(saved, tmp_path):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    broken = tmp_path / "flipped.safetensors"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ProfileError, match="SHA-256"):
+        ZMask.load(broken, seeded_toy())
+
+
+def test_not_a_profile(tmp_path):
+    path = tmp_path / "random.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ProfileError):
+        ZMask.load(path, seeded_toy())
+    with pytest.raises(ProfileError, match="does not exist"):
+        ZMask.load(tmp_path / "missing.safetensors", seeded_toy())
+    header = json.dumps({"__metadata__": {"format": "other"}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ProfileError, match="not a zmask profile"):
+        ZMask.load(path, seeded_toy())
+
+
+def test_oversized_profile_is_refused(saved, tmp_path, monkeypatch):
+    _, path = saved
+    monkeypatch.setattr("zmask.core.profile.MAX_PROFILE_BYTES", 100)
+    with pytest.raises(ProfileError, match="more than the 100 allowed"):
+        ZMask.load(path, seeded_toy())
+    assert MAX_PROFILE_BYTES > 1_000_000
+
+
+def test_profile_for_another_model(saved):
+    _, path = saved
+
+    class Renamed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv2d(3, 8, 3)
+
+    with pytest.raises(ProfileError, match="does not fit this model.*no layer 'c1'"):
+        ZMask.load(path, Renamed())
+
+    class Narrow(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.c2, self.c3 = nn.Conv2d(8, 12, 3, 2, 1), nn.Conv2d(12, 32, 3, 2, 1)
+
+    with pytest.raises(ProfileError, match="layer 'c2' has 16 channels; this model's has 12"):
+        ZMask.load(path, Narrow())
+
+
+def test_saving_requires_statistics(tmp_path):
+    with pytest.raises(ProfileError, match="fit_statistics"):
+        ZMask(seeded_toy(), TOY_CONFIG).save(tmp_path / "empty.safetensors")
