@@ -15,8 +15,8 @@ from zmask.config import (
     PAPER_SEGMENTATION_SHALLOW_KERNELS,
     ZMaskConfig,
 )
-from zmask.core.boxfilter import box_mean_from_table, box_mean_separable, summed_area_table
-from zmask.core.geometry import axis_windows, legacy_nearest_indices, window_weights
+from zmask.core.boxfilter import box_filter, box_mean_from_table, box_mean_separable, summed_area_table
+from zmask.core.geometry import axis_windows, legacy_nearest_indices, separable_axis, window_weights
 from zmask.core.refinement import avg_pool_direct, layer_heatmap_direct, LayerRefiner
 from zmask.core.statistics import LayerStatistics
 
@@ -88,7 +88,7 @@ def test_layer_heatmaps_match_direct(variant, pooling, method, planes):
     config = ZMaskConfig(
         shallow_layers=("a",), deep_layers=("a",), shallow_kernels=((24, 30), (12, 15), (6, 8)),
         deep_kernels=((24, 30), (12, 15)), heatmap_size=(45, 60), spr_variant=variant, pooling=pooling,
-        box_method=method, planes=planes, channel_chunk=5,
+        box_method=method, planes=planes, chunk_elements=2 * 45 * 60 * 5,
     )
     generator = torch.Generator().manual_seed(11)
     activation = torch.randn(2, 12, 23, 31, generator=generator)
@@ -108,3 +108,21 @@ def test_refinement_is_differentiable():
     maps = LayerRefiner(config).heatmaps(activation, stats, {"S": config.shallow_kernels})
     maps["S"].sum().backward()
     assert activation.grad is not None and activation.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size", [(150, 300), (48, 64), (9, 7)])
+def test_box_filter_shares_one_table_and_equals_avg_pool(size):
+    kernels = [k for k in PAPER_SEGMENTATION_SHALLOW_KERNELS + ((size[0], size[1]), (1, 1), (3, 5)) if k[0] <= size[0] and k[1] <= size[1]]
+    grid = torch.randn(2, 5, *size, generator=torch.Generator().manual_seed(2)) * 4 + 20
+    for kernel, actual in zip(kernels, box_filter(grid, kernels)):
+        assert relative_error(actual, F.avg_pool2d(grid.double(), kernel, stride=1)) <= 1e-5
+    with pytest.raises(ValueError, match="does not fit"):
+        box_filter(grid, [(size[0] + 1, 1)])
+
+
+def test_summed_area_table_with_and_without_gradients_agree():
+    grid = torch.randn(1, 2, 13, 17)
+    plain = summed_area_table(grid)
+    tracked = summed_area_table(grid.clone().requires_grad_())
+    torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=1e-12)
+    assert plain[..., 0, :].abs().max() == 0 and plain[..., :, 0].abs().max() == 0

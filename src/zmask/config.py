@@ -54,7 +54,8 @@ class ZMaskConfig:
         in_channels: expected channel count of the model input.
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
-        channel_chunk: channels processed at once by the refinement (bounds peak memory).
+        chunk_elements: the refinement processes as many channels at once as fit this many values
+            of the heatmap grid (B x channels x H_R x W_R); bounds its peak memory.
     """
 
     shallow_layers: tuple[str, ...]
@@ -73,7 +74,7 @@ class ZMaskConfig:
     fill_value: float | tuple[float, ...] = 0.0
     in_channels: int = 3
     box_method: Literal["auto", "table", "separable"] = "auto"
-    channel_chunk: int = 64
+    chunk_elements: int = 2**23
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
@@ -118,8 +119,8 @@ class ZMaskConfig:
             raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1)")
         if isinstance(self.fill_value, tuple) and len(self.fill_value) != self.in_channels:
             raise ValueError(f"fill_value has {len(self.fill_value)} values for {self.in_channels} input channels")
-        if self.channel_chunk < 1:
-            raise ValueError("channel_chunk must be >= 1")
+        if self.chunk_elements < 1:
+            raise ValueError("chunk_elements must be >= 1")
 
     @property
     def layers(self) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
 """Index geometry shared by the refinement: legacy nearest resizing and pooling windows.
 
 Every spatial step between a layer's raw activation and its pooled heatmap is a selection or an
-average along one axis at a time. This module describes those steps as integer index vectors so
-that the refinement can evaluate them without materialising the intermediate maps.
+average along one axis at a time. This module describes those steps per axis, so that the
+refinement evaluates each distinct output value once and never materialises intermediate maps.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class AxisWindows:
     """Averaging windows along one axis of the heatmap grid, deduplicated.
 
     Output position ``j`` of the pooled-and-resized map is the mean of grid positions
-    ``[start[inverse[j]], end[inverse[j]])``; ``start``/``end`` hold each distinct window once.
+    ``[start[inverse[j]], end[inverse[j]])``; ``start``/``end`` hold each distinct window once,
+    in increasing order.
     """
 
     start: torch.Tensor
@@ -47,6 +48,20 @@ class AxisWindows:
     @property
     def length(self) -> torch.Tensor:
         return self.end - self.start
+
+    def uniform_length(self) -> int | None:
+        """The common window length when the windows are consecutive (start = first + i), else None.
+
+        Consecutive equal-length windows are evaluated by slicing instead of gathering.
+        """
+        length = self.end - self.start
+        steps = torch.arange(self.count, device=self.start.device) + self.start[0]
+        if bool((length == length[0]).all()) and bool((self.start == steps).all()):
+            return int(length[0])
+        return None
+
+    def to(self, device: torch.device | str) -> AxisWindows:
+        return AxisWindows(self.start.to(device), self.end.to(device), self.inverse.to(device))
 
 
 def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
@@ -84,3 +99,25 @@ def window_weights(windows: AxisWindows, source_index: torch.Tensor, source_size
     cumulative = torch.cat([one_hot.new_zeros(1, source_size), one_hot.cumsum(0)])
     counts = cumulative[windows.end] - cumulative[windows.start]
     return counts / windows.length.unsqueeze(1).to(torch.float64)
+
+
+@dataclass(frozen=True)
+class SeparableAxis:
+    """Distinct rows of :func:`window_weights` and the map from grid position to row.
+
+    When the native axis is coarser than the grid, neighbouring windows often cover the same native
+    positions in the same proportions; evaluating each distinct weight row once saves that work.
+    """
+
+    weights: torch.Tensor
+    inverse: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SeparableAxis:
+        return SeparableAxis(self.weights.to(device), self.inverse.to(device))
+
+
+def separable_axis(windows: AxisWindows, source_index: torch.Tensor, source_size: int) -> SeparableAxis:
+    """Deduplicated weights (float32) of ``windows`` on a native axis of ``source_size``."""
+    weights = window_weights(windows, source_index, source_size)
+    unique, inverse = torch.unique(weights, dim=0, return_inverse=True)
+    return SeparableAxis(unique.float(), inverse[windows.inverse])

@@ -3,6 +3,15 @@
 ``LayerRefiner`` is the fast implementation used everywhere; :func:`layer_heatmap_direct` follows
 the specification literally (resize every channel, pool, resize back) and serves as the oracle
 that tests and benchmarks compare against.
+
+How the fast path works: the pooled-and-stretched map of a kernel takes one value per distinct
+(row window, column window) pair, so it is computed on that compact grid and expanded by index
+only after the channel reduction. Each layer uses one of two exact evaluators, chosen per layer:
+
+* ``table``: resize the Z-score to the heatmap grid (nearest), build one float64 summed-area table
+  per channel chunk, and read every kernel's windows from it (cost independent of kernel size);
+* ``separable``: apply per-axis weight matrices, which fold resize and window average together,
+  directly to the native-resolution Z-score; cheap for deep layers far coarser than the grid.
 """
 
 from __future__ import annotations
@@ -14,24 +23,36 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Kernel, ZMaskConfig
-from .boxfilter import box_mean_from_table, box_mean_separable, summed_area_table
-from .geometry import AxisWindows, axis_windows, legacy_nearest_indices, window_weights
+from .boxfilter import abs_channel_sum_separable, box_mean_separable, box_sum_from_table, summed_area_table, window_areas
+from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
 from .statistics import LayerStatistics
 
-# How many elementwise operations one multiply-add of a CPU/GPU matrix product is worth; used by
-# the "auto" box method to compare the two evaluators. Measured by benchmarks/bench_refinement.py.
+# How many elementwise operations one multiply-add of a matrix product is worth, for the "auto"
+# choice between the evaluators (benchmarks/bench_refinement.py prints which one each layer gets).
 _MATMUL_ADVANTAGE = 8.0
 
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """The distinct windows of one kernel on the heatmap grid, and (separable) their weights."""
+    """How to evaluate one kernel: grid windows (table) or deduplicated weights (separable)."""
 
     kernel: Kernel
     rows: AxisWindows
     cols: AxisWindows
-    row_weights: torch.Tensor | None = None
-    col_weights: torch.Tensor | None = None
+    row_weights: SeparableAxis | None = None
+    col_weights: SeparableAxis | None = None
+
+    @property
+    def row_inverse(self) -> torch.Tensor:
+        return self.row_weights.inverse if self.row_weights is not None else self.rows.inverse
+
+    @property
+    def col_inverse(self) -> torch.Tensor:
+        return self.col_weights.inverse if self.col_weights is not None else self.cols.inverse
+
+    def expand(self, compact: torch.Tensor) -> torch.Tensor:
+        """Compact values (... x rows x cols) -> the full H_R x W_R map."""
+        return compact.index_select(-2, self.row_inverse).index_select(-1, self.col_inverse)
 
 
 @dataclass(frozen=True)
@@ -39,8 +60,6 @@ class LayerPlan:
     """Everything about one layer's refinement that depends only on shapes, computed once."""
 
     native_size: tuple[int, int]
-    row_index: torch.Tensor
-    col_index: torch.Tensor
     method: str
     kernels: dict[Kernel, KernelPlan]
 
@@ -51,45 +70,41 @@ def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Seque
     row_index = legacy_nearest_indices(native_size[0], height)
     col_index = legacy_nearest_indices(native_size[1], width)
     windows = {k: (axis_windows(height, k[0], config.pooling), axis_windows(width, k[1], config.pooling)) for k in kernels}
+    separable = {
+        k: (separable_axis(rows, row_index, native_size[0]), separable_axis(cols, col_index, native_size[1]))
+        for k, (rows, cols) in windows.items()
+    }
     method = config.box_method
     if method == "auto":
-        method = _cheaper_method(native_size, (height, width), windows.values())
+        method = _cheaper_method(native_size, (height, width), windows, separable)
     if method == "separable" and config.planes != 1:
-        method = "table"  # per-plane statistics vary inside a native pixel's footprint
+        method = "table"  # per-plane statistics change inside one native pixel's footprint
     plans = {}
     for kernel, (rows, cols) in windows.items():
-        row_w = col_w = None
-        if method == "separable":
-            row_w = window_weights(rows, row_index, native_size[0]).float().to(device)
-            col_w = window_weights(cols, col_index, native_size[1]).float().to(device)
-        plans[kernel] = KernelPlan(kernel, _to(rows, device), _to(cols, device), row_w, col_w)
-    return LayerPlan(native_size, row_index.to(device), col_index.to(device), method, plans)
+        row_w, col_w = separable[kernel] if method == "separable" else (None, None)
+        plans[kernel] = KernelPlan(
+            kernel, rows.to(device), cols.to(device),
+            row_w.to(device) if row_w is not None else None, col_w.to(device) if col_w is not None else None,
+        )
+    return LayerPlan(native_size, method, plans)
 
 
-def _cheaper_method(native: tuple[int, int], grid: tuple[int, int], windows) -> str:
+def _cheaper_method(native, grid, windows, separable) -> str:
     h, w = native
     table_cost = grid[0] * grid[1] * 6.0
     separable_cost = 0.0
-    for rows, cols in windows:
-        table_cost += rows.count * (grid[1] + 1) * 2 + rows.count * cols.count * 4
-        nr, nc = rows.count, cols.count
-        separable_cost += min(nr * h * w + nr * w * nc, h * w * nc + nr * h * nc) / _MATMUL_ADVANTAGE
+    for kernel, (rows, cols) in windows.items():
+        table_cost += rows.count * (grid[1] + 1) * 2 + rows.count * cols.count * 3
+        nr, nc = (axis.weights.shape[0] for axis in separable[kernel])
+        separable_cost += min(nr * h * w + nr * w * nc, h * w * nc + nr * h * nc) / _MATMUL_ADVANTAGE + nr * nc
     return "separable" if separable_cost < table_cost else "table"
 
 
-def _to(windows: AxisWindows, device: torch.device) -> AxisWindows:
-    return AxisWindows(windows.start.to(device), windows.end.to(device), windows.inverse.to(device))
-
-
-def _expand(compact: torch.Tensor, plan: KernelPlan) -> torch.Tensor:
-    return compact.index_select(-2, plan.rows.inverse).index_select(-1, plan.cols.inverse)
-
-
 class LayerRefiner:
-    """Computes SPR heatmaps of layers, caching shape-dependent plans per (layer, size, device).
+    """Computes SPR heatmaps of layers, caching shape-dependent plans per (size, kernels, device).
 
-    The work is done in chunks of ``config.channel_chunk`` channels, so the memory used grows with
-    the chunk and the heatmap size, not with the layer's channel count.
+    Channels are processed in chunks of at most ``config.chunk_elements`` grid values, so the
+    memory used grows with the chunk and the heatmap size, not with the layer's channel count.
     """
 
     def __init__(self, config: ZMaskConfig) -> None:
@@ -97,9 +112,9 @@ class LayerRefiner:
         self._plans: dict[tuple, LayerPlan] = {}
 
     def plan(self, native_size: tuple[int, int], kernels: Sequence[Kernel], device: torch.device) -> LayerPlan:
-        key = (native_size, tuple(kernels), str(device))
+        key = (tuple(native_size), tuple(kernels), str(device))
         if key not in self._plans:
-            self._plans[key] = build_plan(native_size, self.config, kernels, device)
+            self._plans[key] = build_plan(tuple(native_size), self.config, kernels, device)
         return self._plans[key]
 
     def heatmaps(
@@ -114,59 +129,86 @@ class LayerRefiner:
         plan = self.plan(tuple(activation.shape[-2:]), union, activation.device)
         mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
         mean, scale = mean.to(activation.device), scale.to(activation.device)
-        channels = activation.shape[1]
+        batch, channels = activation.shape[:2]
+        step = max(1, config.chunk_elements // (batch * config.heatmap_size[0] * config.heatmap_size[1]))
         reference = config.spr_variant == "reference"
-        # reference: sum over channels of |pooled| per kernel (compact grid);
-        # paper: per list, sum over channels of |prod of pooled| and max of the product before the last.
         abs_sums: dict[Kernel, torch.Tensor] = {}
         paper_sums: dict[str, torch.Tensor] = {}
         paper_norms: dict[str, torch.Tensor] = {}
-        for start in range(0, channels, config.channel_chunk):
-            part = slice(start, min(start + config.channel_chunk, channels))
-            compact = self._pooled_chunk(activation[:, part].float(), mean, scale, part, plan)
+        for start in range(0, channels, step):
+            part = slice(start, min(start + step, channels))
+            zscore = self._zscore_chunk(activation[:, part], mean, scale, part, plan)
+            # The table method reads every kernel from one summed-area table of the chunk.
+            source = summed_area_table(zscore) if plan.method == "table" else zscore
+            del zscore
             if reference:
-                for kernel, values in compact.items():
-                    total = values.abs().sum(1)
-                    abs_sums[kernel] = total if kernel not in abs_sums else abs_sums[kernel] + total
+                for kernel, kernel_plan in plan.kernels.items():
+                    _accumulate(abs_sums, kernel, _abs_channel_sum(source, plan.method, kernel_plan))
                 continue
+            means = {k: kp.expand(_box_means(source, plan.method, kp)) for k, kp in plan.kernels.items()}
             for name, kernels in kernel_sets.items():
-                product = None
-                for i, kernel in enumerate(kernels):
-                    expanded = _expand(compact[kernel], plan.kernels[kernel])
-                    product = expanded if product is None else product * expanded
-                    if i == len(kernels) - 2:
-                        peak = product.abs().flatten(1).amax(1)
-                        paper_norms[name] = peak if name not in paper_norms else torch.maximum(paper_norms[name], peak)
-                total = product.abs().sum(1)
-                paper_sums[name] = total if name not in paper_sums else paper_sums[name] + total
+                product = means[kernels[0]]
+                for i, kernel in enumerate(kernels[1:], start=1):
+                    if i == len(kernels) - 1:
+                        _accumulate(paper_norms, name, product.abs().flatten(1).amax(1), torch.maximum)
+                    product = product * means[kernel]
+                _accumulate(paper_sums, name, product.abs().sum(1))
         result = {}
         for name, kernels in kernel_sets.items():
             if reference:
                 chain = None
                 for kernel in kernels:
-                    pooled = _expand(abs_sums[kernel] / channels, plan.kernels[kernel])
+                    pooled = plan.kernels[kernel].expand((abs_sums[kernel] / channels).float())
                     if chain is None:
                         chain = pooled
                     else:
-                        peak = chain.flatten(1).amax(1).view(-1, 1, 1)
-                        chain = pooled * chain / (1.0 + peak)
+                        chain = pooled * chain / (1.0 + chain.flatten(1).amax(1).view(-1, 1, 1))
             else:
-                # a_m = Q_m / ||Q_{m-1}||_inf, with Q_i the product of the first i pooled maps (see docs).
+                # Paper recursion a_i = p_i * a_{i-1} / ||a_{i-1}||_inf telescopes to
+                # a_m = Q_m / ||Q_{m-1}||_inf with Q_i the product of the first i pooled maps.
                 chain = paper_sums[name] / channels
                 if len(kernels) > 1:
                     chain = chain / paper_norms[name].clamp(min=torch.finfo(chain.dtype).tiny).view(-1, 1, 1)
             result[name] = chain.unsqueeze(1)
         return result
 
-    def _pooled_chunk(self, chunk, mean, scale, part, plan: LayerPlan) -> dict[Kernel, torch.Tensor]:
-        """Box means (B x c x rows x cols, compact) of the Z-score of a channel chunk, per kernel."""
-        mean, scale = _slice_channels(mean, part), _slice_channels(scale, part)
-        if plan.method == "separable":
-            zscore = (chunk - mean) * scale
-            return {k: box_mean_separable(zscore, p.row_weights, p.col_weights) for k, p in plan.kernels.items()}
-        grid = chunk.index_select(-2, plan.row_index).index_select(-1, plan.col_index)
-        table = summed_area_table((grid - mean) * scale)
-        return {k: box_mean_from_table(table, p.rows, p.cols) for k, p in plan.kernels.items()}
+    def _zscore_chunk(self, chunk, mean, scale, part, plan: LayerPlan) -> torch.Tensor:
+        """Z-score of a channel chunk: on the heatmap grid (table) or at native size (separable)."""
+        chunk = chunk.float()
+        if plan.method == "table":
+            chunk = F.interpolate(chunk, size=self.config.heatmap_size, mode="nearest")
+        return (chunk - _slice_channels(mean, part)) * _slice_channels(scale, part)
+
+
+
+def _box_means(source: torch.Tensor, method: str, plan: KernelPlan) -> torch.Tensor:
+    """Compact box means (B x c x rows x cols, float32) for one kernel.
+
+    ``source`` is the native Z-score (separable) or the chunk's summed-area table (table).
+    """
+    if method == "separable":
+        return box_mean_separable(source, plan.row_weights.weights, plan.col_weights.weights)
+    return (box_sum_from_table(source, plan.rows, plan.cols) / window_areas(plan.rows, plan.cols)).float()
+
+
+def _abs_channel_sum(source: torch.Tensor, method: str, plan: KernelPlan) -> torch.Tensor:
+    """Sum over channels of |box mean| (B x rows x cols): the reference variant's reduction."""
+    if method == "separable":
+        return abs_channel_sum_separable(source, plan.row_weights.weights, plan.col_weights.weights)
+    sums = box_sum_from_table(source, plan.rows, plan.cols)
+    rows_len, cols_len = plan.rows.uniform_length(), plan.cols.uniform_length()
+    if rows_len is not None and cols_len is not None:
+        return _abs_sum_channels(sums.float()) / (rows_len * cols_len)
+    return _abs_sum_channels((sums / window_areas(plan.rows, plan.cols)).float())
+
+
+def _abs_sum_channels(values: torch.Tensor) -> torch.Tensor:
+    """|values| summed over dim 1, in place on this fresh tensor when no gradient flows through it."""
+    return (values.abs_() if not values.requires_grad else values.abs()).sum(1)
+
+
+def _accumulate(store: dict, key, value: torch.Tensor, combine=torch.add) -> None:
+    store[key] = value if key not in store else combine(store[key], value)
 
 
 def _slice_channels(values: torch.Tensor, part: slice) -> torch.Tensor:
