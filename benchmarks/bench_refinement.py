@@ -5,8 +5,7 @@
 (b) the paper's detector configuration on a torchvision ResNet-50 body (random weights) at
     512x1024 with a 150x300 heatmap: the whole analysis vs the body's own forward, and vs the
     direct implementation (every channel resized, pooled, resized back), outputs compared;
-(c) peak memory of the analysis beside that of the forward (CPU: tracemalloc-free RSS deltas are
-    noisy, so torch's profiler memory accounting is used).
+(c) peak memory of the analysis beside that of the forward (torch profiler memory records).
 
 Run: python benchmarks/bench_refinement.py [--threads 2] [--skip-direct]
 """
@@ -30,29 +29,37 @@ from zmask.core.statistics import LayerStatistics
 
 def best_time(function, repeats: int) -> float:
     """Smallest wall time over ``repeats`` calls (the least disturbed by other load)."""
-    times = []
+    return min(interleaved_times([function], repeats)[0])
+
+
+def interleaved_times(functions, repeats: int) -> list[list[float]]:
+    """Wall times of several functions measured alternately, so that all see the same machine load."""
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for function, record in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - start)
+    return times
 
 
 def peak_memory(function) -> float:
-    """Peak bytes allocated by CPU tensors while ``function`` runs (torch profiler accounting)."""
+    """Peak of live CPU tensor memory (MiB) allocated while ``function`` runs, at operator granularity.
+
+    The profiler attributes each allocation to the operator that made it and reports frees as
+    negative entries; their running sum in time order is the memory held by tensors created inside
+    ``function`` (transient peaks inside a single operator are not resolved).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        result = function()
+    del result
     current = peak = 0
-    for event in events:
-        current += event.cpu_memory_usage if event.cpu_memory_usage > 0 else 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
         peak = max(peak, current)
-    # cpu_memory_usage sums allocations per op (freed memory is reported separately and may be
-    # attributed to other ops); report the largest single-op self allocation as a lower bound too.
-    largest = max((e.self_cpu_memory_usage for e in events), default=0)
-    return max(largest, 0) / 2**20, peak / 2**20
+    return peak / 2**20
 
 
 def part_a(repeats: int) -> None:
@@ -99,8 +106,8 @@ def part_b(repeats: int, skip_direct: bool) -> None:
             soft = defense.fusion(maps.shallow, maps.deep)
             return maps, detection_score(maps.shallow, maps.deep, soft)
 
-        t_forward = best_time(forward, repeats)
-        t_analysis = best_time(analysis, repeats)
+        forward_times, analysis_times = interleaved_times([forward, analysis], repeats)
+        t_forward, t_analysis = min(forward_times), min(analysis_times)
         maps, _ = analysis()
         print("(b) ResNet-50 body (random weights), input 512x1024, heatmap 150x300")
         print("    S = conv1, relu, layer1.0.conv1 x 4 kernels; D = conv1, layer4, layer1.0.conv1 x 2 kernels")
@@ -123,18 +130,16 @@ def part_b(repeats: int, skip_direct: bool) -> None:
             )
             print(f"    direct analysis   : {t_direct * 1e3:9.1f} ms   (speed-up {t_direct / t_analysis:.0f} x)")
             print(f"    max rel. difference fast vs direct (H_S, H_D): {error:.1e}")
-        a_largest, a_peak = peak_memory(analysis)
-        f_largest, f_peak = peak_memory(forward)
-        print(f"(c) memory allocated (sum of allocations over ops, largest single allocation)")
-        print(f"    body forward      : {f_peak:9.1f} MiB total, {f_largest:7.1f} MiB largest")
-        print(f"    Z-Mask analysis   : {a_peak:9.1f} MiB total, {a_largest:7.1f} MiB largest")
+        print("(c) peak memory of tensors allocated while running (op granularity)")
+        print(f"    body forward      : {peak_memory(forward):9.1f} MiB")
+        print(f"    Z-Mask analysis   : {peak_memory(analysis):9.1f} MiB   (chunks of at most {config.chunk_elements} grid values)")
         print(f"    activations held  : {sum(a.numel() * a.element_size() for a in activations.values()) / 2**20:9.1f} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-direct", action="store_true", help="skip the slow direct implementation in (b)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ from zmask.config import (
     PAPER_SEGMENTATION_SHALLOW_KERNELS,
     ZMaskConfig,
 )
-from zmask.core.boxfilter import box_filter, box_mean_from_table, box_mean_separable, summed_area_table
+from zmask.core.boxfilter import Workspace, box_filter, box_mean_from_table, box_mean_separable, separable_layout, summed_area_table
 from zmask.core.geometry import axis_windows, legacy_nearest_indices, separable_axis, window_weights
 from zmask.core.refinement import avg_pool_direct, layer_heatmap_direct, LayerRefiner
 from zmask.core.statistics import LayerStatistics
@@ -75,8 +75,8 @@ def test_separable_weights_equal_resize_then_pool(native, kernel):
     rows, cols = axis_windows(size[0], kernel[0], "valid_stretch"), axis_windows(size[1], kernel[1], "valid_stretch")
     row_w = window_weights(rows, legacy_nearest_indices(native[0], size[0]), native[0]).float()
     col_w = window_weights(cols, legacy_nearest_indices(native[1], size[1]), native[1]).float()
-    compact = box_mean_separable(native_map, row_w, col_w)
-    actual = compact.index_select(-2, rows.inverse).index_select(-1, cols.inverse)
+    compact = box_mean_separable(separable_layout(native_map), tuple(native_map.shape), row_w, col_w, Workspace())
+    actual = compact.permute(1, 2, 0, 3).index_select(-2, rows.inverse).index_select(-1, cols.inverse)
     assert relative_error(actual, expected) <= 1e-5
 
 

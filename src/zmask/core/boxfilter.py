@@ -18,28 +18,33 @@ import torch.nn.functional as F
 from .geometry import AxisWindows
 
 
-def summed_area_table(grid: torch.Tensor) -> torch.Tensor:
+def summed_area_table(grid: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """Integral image of ``... x H x W`` with a leading zero row and column, in float64.
 
     float64 keeps differences of table entries exact enough: float32 tables lose digits to
-    cancellation once their values grow with the map size.
+    cancellation once their values grow with the map size. With a ``workspace`` (and no gradient)
+    the table is built in place in a reused buffer.
     """
-    if grid.requires_grad:  # out= is not differentiable; the padded form is
+    if workspace is None or grid.requires_grad:
         return F.pad(torch.cumsum(grid, -1, dtype=torch.float64), (1, 0, 1, 0)).cumsum(-2)
     height, width = grid.shape[-2:]
-    table = grid.new_empty((*grid.shape[:-2], height + 1, width + 1), dtype=torch.float64)
-    table[..., 0, :] = 0
-    table[..., :, 0] = 0
-    torch.cumsum(grid, -1, dtype=torch.float64, out=table[..., 1:, 1:])
-    return table.cumsum_(-2)  # row 0 is zero, so the running sum over all rows is the table
+    table = workspace.take("table", (*grid.shape[:-2], height + 1, width + 1), torch.float64, grid.device)
+    table[..., 0, :].zero_()
+    table[..., 1:, 0].zero_()
+    table[..., 1:, 1:].copy_(grid)
+    return table.cumsum_(-1).cumsum_(-2)
 
 
-def _difference(table: torch.Tensor, windows: AxisWindows, dim: int) -> torch.Tensor:
-    """table[end] - table[start] along ``dim``, by slicing when the windows are consecutive."""
+def _difference(table: torch.Tensor, windows: AxisWindows, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """table[end] - table[start] along ``dim``, by slicing when the windows are consecutive.
+
+    ``out`` (optional, windows are consecutive) receives the result, possibly in a narrower dtype.
+    """
     length = windows.uniform_length()
     if length is not None:
         first = int(windows.start[0])
-        return table.narrow(dim, first + length, windows.count) - table.narrow(dim, first, windows.count)
+        upper, lower = table.narrow(dim, first + length, windows.count), table.narrow(dim, first, windows.count)
+        return torch.sub(upper, lower, out=out) if out is not None else upper - lower
     return table.index_select(dim, windows.end) - table.index_select(dim, windows.start)
 
 
@@ -48,18 +53,27 @@ def _difference(table: torch.Tensor, windows: AxisWindows, dim: int) -> torch.Te
 _FLOAT32_MAX_WIDTH_RATIO = 20
 
 
-def box_sum_from_table(table: torch.Tensor, rows: AxisWindows, cols: AxisWindows) -> torch.Tensor:
+def column_dtype(width: int, cols: AxisWindows) -> torch.dtype:
+    """Precision needed for the column difference of a table ``width`` columns wide."""
+    return torch.float32 if width <= _FLOAT32_MAX_WIDTH_RATIO * int(cols.length.min()) else torch.float64
+
+
+def box_sum_from_table(table: torch.Tensor, rows: AxisWindows, cols: AxisWindows, workspace: Workspace | None = None) -> torch.Tensor:
     """Sum over each (row window x column window) from a summed-area table.
 
     The row difference is taken in float64 (it removes the large prefix sums along H). When the
-    column windows are wide relative to the map, the column difference then runs in float32 at
-    half the memory traffic; the result is float32 in that case and float64 otherwise.
+    column windows are wide relative to the map (:func:`column_dtype`), the column difference then
+    runs in float32 at half the memory traffic. With a ``workspace`` and consecutive windows (the
+    default geometry) both differences are written into reused buffers instead of new tensors.
     """
-    band = _difference(table, rows, -2)
-    width = table.shape[-1] - 1
-    if width <= _FLOAT32_MAX_WIDTH_RATIO * int(cols.length.min()):
-        band = band.float()
-    return _difference(band, cols, -1)
+    dtype = column_dtype(table.shape[-1] - 1, cols)
+    if workspace is None or table.requires_grad or rows.uniform_length() is None or cols.uniform_length() is None:
+        return _difference(_difference(table, rows, -2).to(dtype), cols, -1)
+    leading = table.shape[:-2]
+    band = workspace.take("band", (*leading, rows.count, table.shape[-1]), dtype, table.device)
+    _difference(table, rows, -2, out=band)
+    sums = workspace.take("sums", (*leading, rows.count, cols.count), dtype, table.device)
+    return _difference(band, cols, -1, out=sums)
 
 
 def window_areas(rows: AxisWindows, cols: AxisWindows) -> torch.Tensor:
@@ -90,27 +104,54 @@ def box_filter(grid: torch.Tensor, kernels: Sequence[tuple[int, int]]) -> list[t
     return results
 
 
-def box_mean_separable(native: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
-    """``row_weights @ native @ col_weights.T`` over the last two axes, in the cheaper order."""
-    rows_out, height = row_weights.shape
-    cols_out, width = col_weights.shape
-    rows_first = rows_out * height * width + rows_out * width * cols_out
-    cols_first = height * width * cols_out + rows_out * height * cols_out
-    if rows_first <= cols_first:
-        return torch.matmul(torch.matmul(row_weights, native), col_weights.transpose(0, 1))
-    return torch.matmul(row_weights, torch.matmul(native, col_weights.transpose(0, 1)))
+def separable_layout(native: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> (h * B * C) x w: the layout in which both separable products are single ``mm``."""
+    batch, channels, height, width = native.shape
+    return native.permute(2, 0, 1, 3).reshape(height * batch * channels, width)
 
 
-def abs_channel_sum_separable(native: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
-    """Sum over channels of ``|row_weights @ native_c @ col_weights.T|`` (B x rows x cols).
+def box_mean_separable(
+    stacked: torch.Tensor, shape: tuple[int, int, int, int], row_weights: torch.Tensor, col_weights: torch.Tensor,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """``row_weights @ native_c @ col_weights.T`` for every item and channel: rows x B x C x cols.
 
-    Laid out so that both products are single large matrix multiplications (the row product runs
-    over all batch items and channels at once), which is several times faster than broadcasting.
+    ``stacked`` is :func:`separable_layout` of a B x C x h x w map of shape ``shape``; both products
+    then run as one large matrix multiplication each (several times faster than broadcasting).
     """
-    batch, channels, height, _ = native.shape
-    across = torch.matmul(native, col_weights.transpose(0, 1))  # B x C x h x cols
-    cols = across.shape[-1]
-    stacked = across.permute(2, 0, 1, 3).reshape(height, batch * channels * cols)
-    pooled = torch.matmul(row_weights, stacked).view(-1, batch, channels, cols)  # rows x B x C x cols
-    pooled = pooled.abs_() if not pooled.requires_grad else pooled.abs()
-    return pooled.sum(2).transpose(0, 1)
+    batch, channels, height, _ = shape
+    cols = col_weights.shape[0]
+    reuse = workspace is not None and not stacked.requires_grad
+    across = workspace.take("across", (stacked.shape[0], cols), stacked.dtype, stacked.device) if reuse else None
+    across = torch.mm(stacked, col_weights.transpose(0, 1), out=across)
+    rows_out = (row_weights.shape[0], batch * channels * cols)
+    pooled = workspace.take("pooled", rows_out, stacked.dtype, stacked.device) if reuse else None
+    pooled = torch.mm(row_weights, across.view(height, batch * channels * cols), out=pooled)
+    return pooled.view(-1, batch, channels, cols)
+
+
+class Workspace:
+    """Reusable flat buffers, so that the refinement's inner loop does not allocate per kernel.
+
+    Fresh multi-megabyte allocations cost page faults on every call; buffers kept here are sized
+    by the largest request (bounded by the refinement's chunk size) and reused. Not thread-safe:
+    one workspace per refiner.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` backed by the buffer ``name`` (its previous contents are garbage)."""
+        count = 1
+        for size in shape:
+            count *= int(size)
+        key = (name, dtype, str(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:count].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Kernel, ZMaskConfig
-from .boxfilter import abs_channel_sum_separable, box_mean_separable, box_sum_from_table, summed_area_table, window_areas
+from .boxfilter import Workspace, box_mean_separable, box_sum_from_table, separable_layout, summed_area_table, window_areas
 from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
 from .statistics import LayerStatistics
 
@@ -103,13 +103,16 @@ def _cheaper_method(native, grid, windows, separable) -> str:
 class LayerRefiner:
     """Computes SPR heatmaps of layers, caching shape-dependent plans per (size, kernels, device).
 
-    Channels are processed in chunks of at most ``config.chunk_elements`` grid values, so the
-    memory used grows with the chunk and the heatmap size, not with the layer's channel count.
+    Channels are processed in chunks of at most ``config.chunk_elements`` values of the largest
+    intermediate, so the memory used grows with the chunk and the heatmap size, not with the
+    layer's channel count. Intermediates live in a :class:`Workspace` reused across calls when no
+    gradient is needed (one refiner per thread).
     """
 
     def __init__(self, config: ZMaskConfig) -> None:
         self.config = config
         self._plans: dict[tuple, LayerPlan] = {}
+        self.workspace = Workspace()
 
     def plan(self, native_size: tuple[int, int], kernels: Sequence[Kernel], device: torch.device) -> LayerPlan:
         key = (tuple(native_size), tuple(kernels), str(device))
@@ -130,22 +133,18 @@ class LayerRefiner:
         mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
         mean, scale = mean.to(activation.device), scale.to(activation.device)
         batch, channels = activation.shape[:2]
-        step = max(1, config.chunk_elements // (batch * config.heatmap_size[0] * config.heatmap_size[1]))
         reference = config.spr_variant == "reference"
         abs_sums: dict[Kernel, torch.Tensor] = {}
         paper_sums: dict[str, torch.Tensor] = {}
         paper_norms: dict[str, torch.Tensor] = {}
-        for start in range(0, channels, step):
-            part = slice(start, min(start + step, channels))
-            zscore = self._zscore_chunk(activation[:, part], mean, scale, part, plan)
-            # The table method reads every kernel from one summed-area table of the chunk.
-            source = summed_area_table(zscore) if plan.method == "table" else zscore
-            del zscore
+        for part in self._chunks(plan, batch, channels):
+            chunk = activation[:, part]
+            source = self._source(chunk, _slice_channels(mean, part), _slice_channels(scale, part), plan)
             if reference:
                 for kernel, kernel_plan in plan.kernels.items():
-                    _accumulate(abs_sums, kernel, _abs_channel_sum(source, plan.method, kernel_plan))
+                    _accumulate(abs_sums, kernel, self._abs_channel_sum(source, chunk.shape, plan.method, kernel_plan))
                 continue
-            means = {k: kp.expand(_box_means(source, plan.method, kp)) for k, kp in plan.kernels.items()}
+            means = {k: kp.expand(self._box_means(source, chunk.shape, plan.method, kp)) for k, kp in plan.kernels.items()}
             for name, kernels in kernel_sets.items():
                 product = means[kernels[0]]
                 for i, kernel in enumerate(kernels[1:], start=1):
@@ -172,39 +171,51 @@ class LayerRefiner:
             result[name] = chain.unsqueeze(1)
         return result
 
-    def _zscore_chunk(self, chunk, mean, scale, part, plan: LayerPlan) -> torch.Tensor:
-        """Z-score of a channel chunk: on the heatmap grid (table) or at native size (separable)."""
-        chunk = chunk.float()
+    def _chunks(self, plan: LayerPlan, batch: int, channels: int) -> list[slice]:
+        """Channel slices whose largest per-kernel intermediate stays within ``chunk_elements``."""
+        height, width = self.config.heatmap_size
         if plan.method == "table":
-            chunk = F.interpolate(chunk, size=self.config.heatmap_size, mode="nearest")
-        return (chunk - _slice_channels(mean, part)) * _slice_channels(scale, part)
+            per_channel = (height + 1) * (width + 1)
+        else:
+            per_channel = max(kp.row_weights.weights.shape[0] * kp.col_weights.weights.shape[0] for kp in plan.kernels.values())
+        step = max(1, self.config.chunk_elements // (batch * per_channel))
+        return [slice(start, min(start + step, channels)) for start in range(0, channels, step)]
+
+    def _source(self, chunk: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        """What every kernel of a chunk is read from: the Z-score's summed-area table (table) or
+        the native Z-score in :func:`separable_layout` (separable)."""
+        chunk = chunk.float()
+        if plan.method == "separable":
+            return separable_layout((chunk - mean) * scale)
+        grid = F.interpolate(chunk, size=self.config.heatmap_size, mode="nearest")
+        if grid.requires_grad:
+            zscore = (grid - mean) * scale
+        else:
+            zscore = (grid if grid.data_ptr() != chunk.data_ptr() else grid.clone()).sub_(mean).mul_(scale)
+        return summed_area_table(zscore, self.workspace)
+
+    def _box_means(self, source: torch.Tensor, shape, method: str, plan: KernelPlan) -> torch.Tensor:
+        """Compact box means (B x c x rows x cols, float32) of a chunk for one kernel."""
+        if method == "separable":
+            pooled = box_mean_separable(source, tuple(shape), plan.row_weights.weights, plan.col_weights.weights)
+            return pooled.permute(1, 2, 0, 3)
+        return (box_sum_from_table(source, plan.rows, plan.cols) / window_areas(plan.rows, plan.cols)).float()
+
+    def _abs_channel_sum(self, source: torch.Tensor, shape, method: str, plan: KernelPlan) -> torch.Tensor:
+        """Sum over channels of |box mean| (B x rows x cols): the reference variant's reduction."""
+        if method == "separable":
+            pooled = box_mean_separable(source, tuple(shape), plan.row_weights.weights, plan.col_weights.weights, self.workspace)
+            return _abs_inplace(pooled).sum(2).transpose(0, 1)
+        sums = box_sum_from_table(source, plan.rows, plan.cols, self.workspace)
+        rows_len, cols_len = plan.rows.uniform_length(), plan.cols.uniform_length()
+        if rows_len is not None and cols_len is not None:
+            return _abs_inplace(sums).sum(1).float() / (rows_len * cols_len)
+        return (sums / window_areas(plan.rows, plan.cols)).abs().sum(1).float()
 
 
-
-def _box_means(source: torch.Tensor, method: str, plan: KernelPlan) -> torch.Tensor:
-    """Compact box means (B x c x rows x cols, float32) for one kernel.
-
-    ``source`` is the native Z-score (separable) or the chunk's summed-area table (table).
-    """
-    if method == "separable":
-        return box_mean_separable(source, plan.row_weights.weights, plan.col_weights.weights)
-    return (box_sum_from_table(source, plan.rows, plan.cols) / window_areas(plan.rows, plan.cols)).float()
-
-
-def _abs_channel_sum(source: torch.Tensor, method: str, plan: KernelPlan) -> torch.Tensor:
-    """Sum over channels of |box mean| (B x rows x cols): the reference variant's reduction."""
-    if method == "separable":
-        return abs_channel_sum_separable(source, plan.row_weights.weights, plan.col_weights.weights)
-    sums = box_sum_from_table(source, plan.rows, plan.cols)
-    rows_len, cols_len = plan.rows.uniform_length(), plan.cols.uniform_length()
-    if rows_len is not None and cols_len is not None:
-        return _abs_sum_channels(sums.float()) / (rows_len * cols_len)
-    return _abs_sum_channels((sums / window_areas(plan.rows, plan.cols)).float())
-
-
-def _abs_sum_channels(values: torch.Tensor) -> torch.Tensor:
-    """|values| summed over dim 1, in place on this fresh tensor when no gradient flows through it."""
-    return (values.abs_() if not values.requires_grad else values.abs()).sum(1)
+def _abs_inplace(values: torch.Tensor) -> torch.Tensor:
+    """|values|, overwriting this scratch tensor when no gradient flows through it."""
+    return values.abs_() if not values.requires_grad else values.abs()
 
 
 def _accumulate(store: dict, key, value: torch.Tensor, combine=torch.add) -> None:
