@@ -29,4 +29,5 @@ def assets() -> Path:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    os.environ["ZMASK_ASSETS"] = str(folder)  # the library looks assets up there
     return folder

@@ -144,21 +144,25 @@ class ZMaskConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_segmentation(cls, shallow_layers, deep_layers, input_size: tuple[int, int], **kwargs: Any) -> ZMaskConfig:
-        """The paper's segmentation setting, heatmap and kernels scaled from 1024x2048 to ``input_size``."""
-        return cls._scaled(shallow_layers, deep_layers, input_size, (1024, 2048), PAPER_SEGMENTATION_HEATMAP,
+    def for_segmentation(cls, shallow_layers, deep_layers, input_size: tuple[int, int], heatmap_size=None, **kwargs: Any) -> ZMaskConfig:
+        """The paper's segmentation setting (150x300 heatmap for 1024x2048) scaled to ``input_size``.
+
+        ``heatmap_size`` overrides the scaled heatmap; kernels always keep the paper's fraction of it.
+        """
+        return cls._scaled(shallow_layers, deep_layers, input_size, heatmap_size, (1024, 2048), PAPER_SEGMENTATION_HEATMAP,
                            PAPER_SEGMENTATION_SHALLOW_KERNELS, PAPER_SEGMENTATION_DEEP_KERNELS, kwargs)
 
     @classmethod
-    def for_detection(cls, shallow_layers, deep_layers, input_size: tuple[int, int], **kwargs: Any) -> ZMaskConfig:
-        """The paper's COCO detection setting (400x500 heatmap for ~800x1000 inputs), scaled to ``input_size``."""
-        return cls._scaled(shallow_layers, deep_layers, input_size, (800, 1000), PAPER_DETECTION_HEATMAP,
+    def for_detection(cls, shallow_layers, deep_layers, input_size: tuple[int, int], heatmap_size=None, **kwargs: Any) -> ZMaskConfig:
+        """The paper's COCO detection setting (400x500 heatmap for ~800x1000 inputs) scaled to ``input_size``."""
+        return cls._scaled(shallow_layers, deep_layers, input_size, heatmap_size, (800, 1000), PAPER_DETECTION_HEATMAP,
                            PAPER_DETECTION_SHALLOW_KERNELS, PAPER_DETECTION_DEEP_KERNELS, kwargs)
 
     @classmethod
-    def _scaled(cls, shallow, deep, input_size, paper_input, paper_heatmap, s_kernels, d_kernels, kwargs):
-        ratio_h, ratio_w = paper_heatmap[0] / paper_input[0], paper_heatmap[1] / paper_input[1]
-        heatmap = (max(8, round(input_size[0] * ratio_h)), max(8, round(input_size[1] * ratio_w)))
+    def _scaled(cls, shallow, deep, input_size, heatmap, paper_input, paper_heatmap, s_kernels, d_kernels, kwargs):
+        if heatmap is None:
+            ratio_h, ratio_w = paper_heatmap[0] / paper_input[0], paper_heatmap[1] / paper_input[1]
+            heatmap = (max(8, round(input_size[0] * ratio_h)), max(8, round(input_size[1] * ratio_w)))
         return cls(
             shallow_layers=tuple(shallow),
             deep_layers=tuple(deep),

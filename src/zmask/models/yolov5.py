@@ -273,6 +273,41 @@ class YOLOv5Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         return self.postprocess(self.net(images)[0])
 
+    def objective(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], kind: str = "untargeted") -> torch.Tensor:
+        """Differentiable attack objective (to maximise) on predictions matched to ground truth.
+
+        Predictions are matched to a ground-truth box (xyxy in input pixels, COCO ``labels``) when
+        their IoU exceeds 0.5 (0.3 for ``vanishing``). ``untargeted``: mean cross-entropy of the
+        true class, -log(obj * p_class); ``vanishing``: mean log(1 - obj), which suppresses them.
+        """
+        if kind not in ("untargeted", "vanishing"):
+            raise ValueError(f"unknown detection objective {kind!r}; use 'untargeted' or 'vanishing'")
+        decoded = self.net(images)[0]
+        lookup = {coco: index for index, coco in enumerate(COCO80_TO_91)}
+        terms = []
+        for rows, target in zip(decoded, targets):
+            if target["boxes"].numel() == 0:
+                continue
+            unknown = [int(l) for l in target["labels"] if int(l) not in lookup]
+            if unknown:
+                raise ValueError(f"target labels {unknown} are not COCO category ids")
+            cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+            overlap, match = torchvision.ops.box_iou(boxes, target["boxes"].to(boxes)).max(1)
+            selected = overlap > (0.3 if kind == "vanishing" else 0.5)
+            if not selected.any():
+                continue
+            objectness = rows[selected, 4]
+            if kind == "vanishing":
+                terms.append(torch.log1p(-objectness.clamp(max=1 - 1e-6)))
+            else:
+                classes = torch.tensor([lookup[int(l)] for l in target["labels"]], device=rows.device)[match[selected]]
+                probability = objectness * rows[selected, 5:].gather(1, classes[:, None]).squeeze(1)
+                terms.append(-torch.log(probability.clamp(min=1e-9)))
+        if not terms:
+            return decoded.sum() * 0.0
+        return torch.cat(terms).mean()
+
     @torch.no_grad()
     def detect(self, images: list[torch.Tensor], size: int = 640, auto: bool = True) -> list[dict[str, torch.Tensor]]:
         """Detect on images of any size: letterbox each, run, and map boxes back to it."""

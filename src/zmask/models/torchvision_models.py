@@ -1,0 +1,102 @@
+"""torchvision detectors and segmenters behind the interface Z-Mask and the attacks expect.
+
+Both wrappers take B x 3 x H x W RGB batches in [0, 1]. Detectors return torchvision's list of
+dicts (``boxes`` xyxy in input pixels, ``labels`` COCO category ids, ``scores``); segmenters return
+logits. Detector transforms are pinned so that internal activations cover exactly the input:
+R-CNN and RetinaNet run at the input's own size (H and W multiples of 32, no resize, no padding),
+SSD warps the whole input to its fixed size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ZMaskError
+
+
+class TorchvisionDetector(nn.Module):
+    """A torchvision detection model with a tensor-batch interface and an attack objective."""
+
+    def __init__(self, model: nn.Module, fixed_size: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.fixed_size = fixed_size
+
+    def _pin_transform(self, height: int, width: int) -> None:
+        transform = self.model.transform
+        if self.fixed_size:
+            return
+        if height % 32 or width % 32:
+            raise ZMaskError(f"{type(self.model).__name__} input must have height and width that are multiples of 32, got {height}x{width}")
+        transform.min_size, transform.max_size = (min(height, width),), max(height, width)
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        self._pin_transform(*images.shape[-2:])
+        return self.model(list(images))
+
+    def objective(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], kind: str = "untargeted") -> torch.Tensor:
+        """The detector's own training losses on the ground truth (summed): an attack maximises it."""
+        if kind != "untargeted":
+            raise ZMaskError(f"objective {kind!r} is not available for torchvision detectors; use 'untargeted'")
+        self._pin_transform(*images.shape[-2:])
+        was_training = self.model.training
+        self.model.train()  # torchvision detectors return losses only in training mode (their BNs are frozen)
+        try:
+            losses = self.model(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        finally:
+            self.model.train(was_training)
+        return sum(losses.values())
+
+
+class TorchvisionSegmenter(nn.Module):
+    """A torchvision segmentation model: ImageNet normalisation inside, returns ``out`` logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)["out"]
+
+
+def _weights(enum: Any, pretrained: bool) -> Any:
+    return enum.DEFAULT if pretrained else None
+
+
+def build_detector(name: str, pretrained: bool = False) -> TorchvisionDetector:
+    """One of torchvision's COCO detectors; ``pretrained`` downloads torchvision's weights."""
+    from torchvision.models import detection as d
+
+    builders = {
+        "ssd300_vgg16": (d.ssd300_vgg16, d.SSD300_VGG16_Weights, True),
+        "ssdlite320_mobilenet_v3_large": (d.ssdlite320_mobilenet_v3_large, d.SSDLite320_MobileNet_V3_Large_Weights, True),
+        "retinanet_resnet50_fpn": (d.retinanet_resnet50_fpn, d.RetinaNet_ResNet50_FPN_Weights, False),
+        "fasterrcnn_resnet50_fpn": (d.fasterrcnn_resnet50_fpn, d.FasterRCNN_ResNet50_FPN_Weights, False),
+    }
+    if name not in builders:
+        raise ZMaskError(f"unknown torchvision detector {name!r}; choose one of {sorted(builders)}")
+    builder, weights, fixed = builders[name]
+    model = builder(weights=_weights(weights, pretrained), weights_backbone=None)
+    return TorchvisionDetector(model.eval(), fixed_size=fixed).eval()
+
+
+def build_segmenter(name: str, pretrained: bool = False) -> TorchvisionSegmenter:
+    """One of torchvision's segmentation models (21 VOC classes); ``pretrained`` downloads weights."""
+    from torchvision.models import segmentation as s
+
+    builders = {
+        "fcn_resnet50": (s.fcn_resnet50, s.FCN_ResNet50_Weights),
+        "deeplabv3_resnet50": (s.deeplabv3_resnet50, s.DeepLabV3_ResNet50_Weights),
+        "lraspp_mobilenet_v3_large": (s.lraspp_mobilenet_v3_large, s.LRASPP_MobileNet_V3_Large_Weights),
+    }
+    if name not in builders:
+        raise ZMaskError(f"unknown torchvision segmenter {name!r}; choose one of {sorted(builders)}")
+    builder, weights = builders[name]
+    options = {"aux_loss": False} if name != "lraspp_mobilenet_v3_large" and not pretrained else {}
+    model = builder(weights=_weights(weights, pretrained), weights_backbone=None, **options)
+    return TorchvisionSegmenter(model.eval()).eval()
