@@ -123,3 +123,39 @@ def test_statistics_errors():
         accumulator.update({"layer": torch.randn(1, 5, 4, 4)})
     with pytest.raises(ValueError, match="B x C x H x W"):
         accumulator.update({"layer": torch.randn(1, 5)})
+
+
+def test_statistics_merge_across_ranks_with_gloo(tmp_path):
+    """Two processes, each with half of the images, end with the single-process statistics."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randn(4, 3, 6, 8, generator=generator) * 2 + 1
+    torch.save(maps, tmp_path / "maps.pt")
+    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    single = StatisticsAccumulator((6, 8), 1, "pooled")
+    single.update({"layer": maps})
+    expected = single.compute()["layer"]
+    for rank in range(2):
+        mean, std = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(mean, expected.mean)
+        torch.testing.assert_close(std, expected.std)
+
+
+def _rank_worker(rank: int, world: int, folder: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        maps = torch.load(f"{folder}/maps.pt")
+        accumulator = StatisticsAccumulator((6, 8), 1, "pooled")
+        accumulator.update({"layer": maps[rank::world]})
+        accumulator.all_reduce()
+        stats = accumulator.compute()["layer"]
+        torch.save((stats.mean, stats.std), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -99,6 +99,8 @@ class ZMask(nn.Module):
 
         Batches are tensors, tuples whose first item is the image tensor, or dicts with 'image'.
         The model runs in eval mode without gradients; its previous mode is restored afterwards.
+        Under ``torch.distributed`` give each rank its own shard (``zmask.distributed.shard``): the
+        accumulators of all ranks are merged, so every rank ends with the same statistics.
         """
         config = self.config
         accumulator = StatisticsAccumulator(config.heatmap_size, config.planes, config.std_estimator)
@@ -116,6 +118,7 @@ class ZMask(nn.Module):
                     self.fit_input_size = tuple(images.shape[-2:])
         finally:
             self.model.train(was_training)
+        accumulator.all_reduce()
         self.set_statistics(accumulator.compute())
         return self
 

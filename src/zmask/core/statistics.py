@@ -108,9 +108,19 @@ class StatisticsAccumulator:
             self._sums[name] = [v.clone() for v in values] if mine is None else self._combine(mine, values)
         self.images += other.images
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat float64 tensors for ``torch.distributed.all_reduce``-style exchange."""
-        return {f"{name}/{i}": t for name, values in self._sums.items() for i, t in enumerate(values)}
+    def all_reduce(self) -> None:
+        """Merge the accumulators of all ``torch.distributed`` ranks into each (no-op when single-process)."""
+        from ..distributed import all_gather_objects, rank_and_world
+
+        rank, world = rank_and_world()
+        if world == 1:
+            return
+        states = all_gather_objects([(rank, self.images, {k: [t.cpu() for t in v] for k, v in self._sums.items()})])
+        merged = StatisticsAccumulator(self.heatmap_size, self.planes, self.estimator)
+        for _, images, sums in sorted(states, key=lambda state: state[0]):
+            other = StatisticsAccumulator(self.heatmap_size, self.planes, self.estimator, images, sums)
+            merged.merge(other)
+        self.images, self._sums = merged.images, merged._sums
 
     def compute(self) -> dict[str, LayerStatistics]:
         """Final statistics per layer; raises if nothing was accumulated."""
