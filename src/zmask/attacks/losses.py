@@ -1,0 +1,67 @@
+"""Loss terms of the patch attacks (spec sections 4.2-4.5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.statistics import LayerStatistics
+
+
+def segmentation_untargeted_terms(
+    logits: torch.Tensor, labels: torch.Tensor, patch_masks: torch.Tensor, num_classes: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Nesti et al.'s untargeted loss split: (L_nm, L_m, gamma), both sums to be maximised.
+
+    Omega: labelled pixels outside the patch; L_nm sums cross-entropy over the pixels of Omega
+    still classified correctly, L_m over the rest; gamma = |correct| / |Omega|.
+    """
+    labels = labels.long()
+    outside = patch_masks[:, 0] < 0.5
+    valid = outside & (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    cross_entropy = F.cross_entropy(logits, safe_labels, reduction="none")
+    correct = valid & (logits.argmax(1) == labels)
+    wrong = valid & ~correct
+    total = int(valid.sum())
+    gamma = float(correct.sum()) / total if total else 0.0
+    return (cross_entropy * correct).sum(), (cross_entropy * wrong).sum(), gamma
+
+
+def smoothness(patch: torch.Tensor) -> torch.Tensor:
+    """Sum of squared differences between neighbouring pixels (to be minimised)."""
+    return ((patch[:, 1:, :] - patch[:, :-1, :]) ** 2).sum() + ((patch[:, :, 1:] - patch[:, :, :-1]) ** 2).sum()
+
+
+def non_printability(patch: torch.Tensor, printable: torch.Tensor) -> torch.Tensor:
+    """Sharif et al.'s NPS: per pixel, the product of distances to the printable colours (P x 3)."""
+    distances = (patch.permute(1, 2, 0)[:, :, None, :] - printable.to(patch)).norm(dim=-1)
+    return distances.prod(-1).sum()
+
+
+def default_printable_colours(levels: int = 5) -> torch.Tensor:
+    """A regular grid of colours as a stand-in printer gamut (levels^3 x 3)."""
+    axis = torch.linspace(0.05, 0.95, levels)
+    return torch.cartesian_prod(axis, axis, axis)
+
+
+def over_activation_loss(
+    activations: dict[str, torch.Tensor],
+    statistics: dict[str, LayerStatistics],
+    patch_masks: torch.Tensor,
+    heatmap_size: tuple[int, int],
+    eps: float = 1e-5,
+    std_floor: float = 0.0,
+) -> torch.Tensor:
+    """L_OZ of Eq. 5 (spec 4.4): per layer of S and channel, |sum of Z-scores inside the patch|,
+    averaged over channels and layers and divided by the patch area (all at heatmap size)."""
+    masks = F.interpolate(patch_masks.float(), size=heatmap_size, mode="nearest")
+    area = masks.flatten(1).sum(1).clamp(min=1)
+    total = 0.0
+    for name, activation in activations.items():
+        mean, scale = statistics[name].normaliser(heatmap_size, eps, std_floor)
+        grid = F.interpolate(activation.float(), size=heatmap_size, mode="nearest")
+        zscore = (grid - mean.to(grid)) * scale.to(grid)
+        inside = (zscore * masks).flatten(2).sum(2).abs()  # B x C
+        total = total + (inside.mean(1) / area)
+    return (total / len(activations)).mean()
