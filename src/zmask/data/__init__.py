@@ -2,8 +2,8 @@
 
 from .camvid import CamVid
 from .cityscapes import Cityscapes
-from .coco import CocoDetection, collate_detection
+from .coco import CocoDetection, LetterboxedDetection, collate_detection
 from .folder import ImageFolder
 from .io import read_image, read_label
 
-__all__ = ["CamVid", "Cityscapes", "CocoDetection", "ImageFolder", "collate_detection", "read_image", "read_label"]
+__all__ = ["CamVid", "Cityscapes", "CocoDetection", "ImageFolder", "LetterboxedDetection", "collate_detection", "read_image", "read_label"]

@@ -95,3 +95,31 @@ def _category_id(category: str | int | None, categories: dict[int, str], source:
 def collate_detection(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Keep images of different sizes as lists (torchvision's detection convention)."""
     return {key: [item[key] for item in items] for key in items[0]}
+
+
+class LetterboxedDetection(Dataset):
+    """A detection dataset letterboxed to a fixed ``size`` (H = W), boxes mapped into that frame.
+
+    Items keep ``target`` (boxes in letterboxed pixels) and add ``letterbox`` (the geometry, to map
+    predictions back to the original image).
+    """
+
+    def __init__(self, dataset: Dataset, size: int = 640) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from ..models.yolov5 import letterbox
+
+        item = dict(self.dataset[index])
+        image, geometry = letterbox(item["image"], self.size, auto=False)
+        target = dict(item["target"])
+        for key in ("boxes", "patch_boxes"):
+            boxes = target[key].clone()
+            boxes[:, [0, 2]] = boxes[:, [0, 2]] * geometry.gain + geometry.pad_w
+            boxes[:, [1, 3]] = boxes[:, [1, 3]] * geometry.gain + geometry.pad_h
+            target[key] = boxes
+        item.update(image=image, target=target, letterbox=geometry)
+        return item

@@ -1,0 +1,204 @@
+"""Patch optimisation (Eq. 1), activation-aware (Eq. 5) and defense-aware (Eq. 6) attacks.
+
+One loop serves every attack: each step draws a batch of images, pastes the patch under EOT at
+random positions, evaluates the loss terms, and takes an Adam step along a weighted sum of the
+terms' *normalised* gradients with respect to the patch (spec 4.2), so that the weights (beta,
+alpha, smoothness, printability) mean what they say whatever the terms' scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.capture import ActivationCapture
+from ..errors import ZMaskError
+from .losses import default_printable_colours, non_printability, over_activation_loss, segmentation_untargeted_terms, smoothness
+from .placement import EOTConfig, apply_patch
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Settings of a patch attack.
+
+    patch_size: (height, width) in pixels. beta: Eq. 5 weight of the adversarial term (1 = plain
+    attack; needs a defense for L_OZ when < 1). defense_attack: None, "mask" (Mask-Attack) or
+    "flag" (Flag-Attack) with weight ``alpha`` on the adversarial term (Eq. 6). objective: for
+    detection, "untargeted" or "vanishing". Learning rate is in [0, 1] pixel units (Adam).
+    """
+
+    patch_size: tuple[int, int]
+    steps: int = 200
+    batch_size: int = 8
+    learning_rate: float = 0.03
+    eot: EOTConfig = field(default_factory=EOTConfig)
+    beta: float = 1.0
+    defense_attack: Literal["mask", "flag"] | None = None
+    alpha: float = 1.0
+    objective: Literal["untargeted", "vanishing"] = "untargeted"
+    smoothness_weight: float = 0.0
+    printability_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ZMaskError(f"{name}={value} must lie in [0, 1]")
+        if self.defense_attack not in (None, "mask", "flag"):
+            raise ZMaskError(f"defense_attack={self.defense_attack!r} must be None, 'mask' or 'flag'")
+        if self.objective not in ("untargeted", "vanishing"):
+            raise ZMaskError(f"objective={self.objective!r} must be 'untargeted' or 'vanishing'")
+        if min(self.patch_size) < 1 or self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ZMaskError(f"invalid attack settings: patch {self.patch_size}, steps {self.steps}, batch {self.batch_size}, lr {self.learning_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AttackResult:
+    """The optimised patch (3 x h x w in [0, 1]) and the mean loss terms per logged step."""
+
+    patch: torch.Tensor
+    history: list[dict[str, float]]
+    config: AttackConfig
+
+
+def _normalise(gradient: torch.Tensor) -> torch.Tensor:
+    return gradient / gradient.norm().clamp(min=1e-12)
+
+
+class PatchAttack:
+    """Crafts a patch against ``task`` (a SegmentationTask or DetectionTask), optionally aware of a defense.
+
+    ``data`` is an indexable dataset of dict items: ``image`` (3 x H x W, all the same size) and
+    ``label`` (segmentation) or ``target`` (detection, boxes in the same pixel frame as ``image``).
+    """
+
+    def __init__(self, task: Any, config: AttackConfig, defense: nn.Module | None = None) -> None:
+        needs_defense = config.beta < 1.0 or config.defense_attack is not None
+        if needs_defense and defense is None:
+            raise ZMaskError("activation-aware (beta < 1) and defense-aware attacks need a fitted ZMask defense")
+        if needs_defense and defense.statistics is None:
+            raise ZMaskError("the defense has no statistics: fit or load it first")
+        if config.defense_attack == "flag" and defense.threshold is None:
+            raise ZMaskError("Flag-Attack needs the defense's threshold lambda0: calibrate it first")
+        self.task, self.config, self.defense = task, config, defense
+        self.printable = default_printable_colours()
+
+    def initial_patch(self, generator: torch.Generator) -> torch.Tensor:
+        height, width = self.config.patch_size
+        return torch.rand(3, height, width, generator=generator)
+
+    def run(
+        self,
+        data: Sequence[dict[str, Any]],
+        initial: torch.Tensor | None = None,
+        progress: bool = True,
+        callback: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None,
+    ) -> AttackResult:
+        """Optimise the patch; ``initial`` resumes from a saved patch. Deterministic for a seed."""
+        config = self.config
+        if len(data) == 0:
+            raise ZMaskError("the attack needs at least one image")
+        generator = torch.Generator().manual_seed(config.seed)
+        patch = (initial.clone().float() if initial is not None else self.initial_patch(generator))
+        if tuple(patch.shape) != (3, *config.patch_size):
+            raise ZMaskError(f"the initial patch has shape {tuple(patch.shape)}, expected (3, {config.patch_size[0]}, {config.patch_size[1]})")
+        device = _device_of(self.task.model)
+        patch = patch.to(device).requires_grad_(True)
+        optimizer = torch.optim.Adam([patch], lr=config.learning_rate)
+        history = []
+        for step in tqdm(range(config.steps), desc="attack", disable=not progress):
+            index = torch.randint(0, len(data), (config.batch_size,), generator=generator).tolist()
+            batch = [data[i] for i in index]
+            images = torch.stack([item["image"] for item in batch]).to(device)
+            placed = apply_patch(images, patch, generator, config.eot)
+            terms = self._terms(placed, batch, patch)
+            direction = torch.zeros_like(patch)
+            record = {}
+            for name, (weight, value) in terms.items():
+                record[name] = float(value.detach())
+                if weight == 0 or not value.requires_grad:
+                    continue
+                (gradient,) = torch.autograd.grad(value, patch, retain_graph=True)
+                direction += weight * _normalise(gradient)
+            optimizer.zero_grad(set_to_none=True)
+            patch.grad = _normalise(direction)
+            optimizer.step()
+            with torch.no_grad():
+                patch.clamp_(0, 1)
+            history.append(record)
+            if callback is not None:
+                callback(step, patch.detach(), record)
+        return AttackResult(patch.detach().cpu(), history, config)
+
+    def _terms(self, placed, batch, patch: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """Loss terms to *minimise*, each with its weight in the update direction."""
+        config = self.config
+        layers: list[str] = []
+        if config.beta < 1.0:
+            layers += list(self.defense.config.shallow_layers)
+        if config.defense_attack is not None:
+            layers += list(self.defense.config.layers)
+        layers = list(dict.fromkeys(layers))
+        if layers:
+            with ActivationCapture(self.task.model, layers, self.defense.on_repeat) as capture:
+                output = self.task.forward(placed.images)
+            activations = capture.require_all()
+        else:
+            output, activations = self.task.forward(placed.images), {}
+        adversarial_weight = config.beta * (config.alpha if config.defense_attack else 1.0)
+        terms = self._adversarial_terms(output, placed, batch, adversarial_weight)
+        if config.beta < 1.0:
+            shallow = {name: activations[name] for name in self.defense.config.shallow_layers}
+            terms["over_activation"] = (1.0 - config.beta, over_activation_loss(
+                shallow, self.defense.statistics, placed.masks, self.defense.config.heatmap_size, self.defense.config.eps, self.defense.config.std_floor))
+        if config.defense_attack is not None:
+            terms.update(self._defense_terms(activations, placed, 1.0 - config.alpha))
+        if config.smoothness_weight:
+            terms["smoothness"] = (config.smoothness_weight, smoothness(patch))
+        if config.printability_weight:
+            terms["printability"] = (config.printability_weight, non_printability(patch, self.printable))
+        return terms
+
+    def _adversarial_terms(self, output, placed, batch, weight: float) -> dict[str, tuple[float, torch.Tensor]]:
+        task = self.task
+        if task.name == "segmentation":
+            labels = torch.stack([item["label"] for item in batch]).to(output.device)
+            correct, wrong, gamma = segmentation_untargeted_terms(output, labels, placed.masks, task.num_classes, task.ignore_index)
+            pixels = max(1, int(labels.numel()))
+            # Maximising the cross-entropy = minimising its negative; gamma balances the two sets (spec 4.2).
+            return {
+                "ce_correct": (weight * gamma, -correct / pixels),
+                "ce_wrong": (weight * (1.0 - gamma), -wrong / pixels),
+            }
+        targets = [{k: v.to(placed.images.device) if torch.is_tensor(v) else v for k, v in item["target"].items()} for item in batch]
+        return {"detection": (weight, -task.objective(placed.images, targets, self.config.objective))}
+
+    def _defense_terms(self, activations, placed, weight: float) -> dict[str, tuple[float, torch.Tensor]]:
+        defense = self.defense
+        maps = defense.heatmaps_from_activations(activations)
+        soft = defense.fusion(maps.shallow, maps.deep)
+        if self.config.defense_attack == "mask":
+            target = (F.interpolate(placed.masks, size=defense.config.heatmap_size, mode="nearest") > 0.5).float()
+            return {"mask_bce": (weight, -F.binary_cross_entropy(soft, target))}
+        from ..core.fusion import detection_score
+
+        score = detection_score(maps.shallow, maps.deep, soft, defense.config.score)
+        flag = torch.sigmoid(score - defense.threshold)
+        return {"flag_bce": (weight, -F.binary_cross_entropy(flag, torch.ones_like(flag)))}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -1,0 +1,142 @@
+"""Patch placement, attack optimisation (plain, activation-aware, defense-aware), patch files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zmask import FusionTraining, ZMask, ZMaskError
+from zmask.attacks import AttackConfig, EOTConfig, PatchAttack, apply_patch, load_patch, patch_size, random_noise_patch, save_patch
+from zmask.tasks import SegmentationTask
+
+from .toy import TOY_CONFIG, clean_batches, patched_batch
+
+
+def test_footprint_is_exactly_where_the_patch_landed():
+    images = torch.zeros(2, 3, 40, 50)
+    patch = torch.rand(3, 10, 12) * 0.5 + 0.5
+    placed = apply_patch(images, patch, torch.Generator().manual_seed(0), EOTConfig.none(quantize=False))
+    for image, mask, box in zip(placed.images, placed.masks, placed.boxes):
+        x1, y1, x2, y2 = (int(v) for v in box)
+        assert (x2 - x1, y2 - y1) == (12, 10)
+        expected = torch.zeros(1, 40, 50)
+        expected[:, y1:y2, x1:x2] = 1
+        assert torch.equal(mask, expected)
+        torch.testing.assert_close(image[:, y1:y2, x1:x2], patch)
+        assert image[:, mask[0] == 0].abs().max() == 0
+    fixed = apply_patch(images, patch, position=(5, 7), eot=EOTConfig.none(quantize=False))
+    assert fixed.boxes[0].tolist() == [7.0, 5.0, 19.0, 15.0]
+
+
+def test_gradients_reach_the_patch_through_eot():
+    patch = torch.rand(3, 8, 8, requires_grad=True)
+    eot = EOTConfig(scale=(0.8, 1.3), noise_std=0.05, brightness=0.1, contrast=0.1, rotation_degrees=15)
+    placed = apply_patch(torch.rand(3, 3, 32, 32), patch, torch.Generator().manual_seed(1), eot)
+    (placed.images * torch.rand_like(placed.images)).sum().backward()
+    assert patch.grad is not None and patch.grad.abs().sum() > 0
+    assert set(placed.masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_placement_is_seeded_and_border_rules():
+    images, patch = torch.rand(3, 3, 32, 32), torch.rand(3, 6, 6)
+    first = apply_patch(images, patch, torch.Generator().manual_seed(5))
+    second = apply_patch(images, patch, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(first.images, second.images, rtol=0, atol=0)
+    with pytest.raises(ZMaskError, match="larger than the image"):
+        apply_patch(images, torch.rand(3, 40, 10), eot=EOTConfig.none())
+    with pytest.raises(ZMaskError, match="does not fit"):
+        apply_patch(images, patch, eot=EOTConfig.none(), position=(30, 30))
+    partial = apply_patch(images, patch, eot=EOTConfig.none(), position=(-2, 29), allow_border=True)
+    assert int(partial.masks.sum()) == 3 * (4 * 3)
+    with pytest.raises(ZMaskError, match="4 channels"):
+        apply_patch(images, torch.rand(4, 6, 6))
+
+
+def test_patch_png_round_trip(tmp_path):
+    patch = random_noise_patch((7, 9), seed=3)
+    path = save_patch(patch, tmp_path / "p.png", {"beta": 0.5, "seed": 3})
+    loaded, metadata = load_patch(path)
+    assert torch.equal(loaded, patch)
+    assert metadata["beta"] == 0.5 and metadata["height"] == 7 and metadata["width"] == 9
+    with pytest.raises(ZMaskError, match="PNG"):
+        save_patch(patch, tmp_path / "p.jpg")
+
+
+def test_bad_attack_settings():
+    for name in ("beta", "alpha"):
+        with pytest.raises(ZMaskError, match=f"{name}=1.5 must lie in"):
+            AttackConfig(patch_size=(4, 4), **{name: 1.5})
+        with pytest.raises(ZMaskError, match=f"{name}=-0.1 must lie in"):
+            AttackConfig(patch_size=(4, 4), **{name: -0.1})
+    with pytest.raises(ZMaskError, match="need a fitted ZMask"):
+        PatchAttack(object(), AttackConfig(patch_size=(4, 4), beta=0.5))
+    assert patch_size("segmentation", "L", (360, 480)) == (105, 141)
+    with pytest.raises(ZMaskError, match="unknown patch size"):
+        patch_size("segmentation", "XL", (360, 480))
+
+
+class ToySegmenter(nn.Module):
+    """The toy network with a 4-class per-pixel head at input resolution."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        features = self.body(x)
+        return nn.functional.interpolate(self.head(features), size=x.shape[-2:], mode="nearest")
+
+
+@pytest.fixture(scope="module")
+def toy_setup():
+    from .toy import seeded_toy
+
+    torch.manual_seed(0)
+    model = ToySegmenter(seeded_toy()).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    config = TOY_CONFIG.replace(shallow_layers=("body.c1", "body.c2"), deep_layers=("body.c2", "body.c3"))
+    defense = ZMask(model, config)
+    defense.fit_statistics(clean_batches(4))
+    patched = [patched_batch(4, seed=s) for s in range(4)]
+    clean = [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(4, 4, seed=9)]
+    defense.fit_fusion(patched + clean, FusionTraining(epochs=20, batch_size=8, learning_rate=0.05))
+    defense.calibrate(patched + clean)
+    with torch.no_grad():
+        data = [{"image": image, "label": model(image[None])[0].argmax(0)} for image in torch.cat(clean_batches(4, 4, seed=21))]
+    return model, defense, data
+
+
+def _mean(history, key, part):
+    values = [h[key] for h in history]
+    return sum(values[:part]) / part if part > 0 else sum(values[part:]) / -part
+
+
+def test_plain_attack_raises_the_task_loss_and_is_deterministic(toy_setup):
+    model, _, data = toy_setup
+    task = SegmentationTask(model, 4, 255)
+    config = AttackConfig(patch_size=(24, 24), steps=12, batch_size=4, learning_rate=0.05, seed=2)
+    first = PatchAttack(task, config).run(data, progress=False)
+    second = PatchAttack(task, config).run(data, progress=False)
+    assert torch.equal(first.patch, second.patch)
+    total = [h["ce_correct"] + h["ce_wrong"] for h in first.history]
+    assert sum(total[-4:]) < sum(total[:4])  # the minimised negative CE goes down
+
+
+@pytest.mark.parametrize("mode,term", [("mask", "mask_bce"), ("flag", "flag_bce")])
+def test_defense_aware_attacks_lower_their_losses(toy_setup, mode, term):
+    model, defense, data = toy_setup
+    task = SegmentationTask(model, 4, 255)
+    config = AttackConfig(patch_size=(24, 24), steps=16, batch_size=4, learning_rate=0.05, defense_attack=mode, alpha=0.0, seed=1)
+    history = PatchAttack(task, config, defense).run(data, progress=False).history
+    assert _mean(history, term, -4) < _mean(history, term, 4)
+
+
+def test_activation_aware_attack_lowers_over_activation(toy_setup):
+    model, defense, data = toy_setup
+    task = SegmentationTask(model, 4, 255)
+    config = AttackConfig(patch_size=(24, 24), steps=16, batch_size=4, learning_rate=0.05, beta=0.0, seed=1)
+    history = PatchAttack(task, config, defense).run(data, progress=False).history
+    assert _mean(history, "over_activation", -4) < _mean(history, "over_activation", 4)
