@@ -45,16 +45,22 @@ def annotation_file(preset: ModelPreset, split: str, root: str | Path | None = N
 
 
 def craft_patch(
-    preset_name: str, size: str = "L", config: AttackConfig | None = None, defense=None, split: str = "train",
+    preset_name: str, size: str = "L", config: AttackConfig | None = None, profile: str | Path | None = None, split: str = "train",
     limit: int | None = None, initial: torch.Tensor | None = None, progress: bool = True, data_root=None, callback=None, **overrides: Any,
 ) -> tuple[AttackResult, dict[str, Any]]:
-    """Craft a patch for a preset on its training split; returns the result and sidecar metadata."""
+    """Craft a patch for a preset on its training split; returns the result and sidecar metadata.
+
+    ``profile``: a fitted Z-Mask profile, needed for activation-aware (beta < 1) and defense-aware attacks.
+    """
     preset = get_preset(preset_name)
     model = preset.build(True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if defense is not None:
-        defense.model = model
+    defense = None
+    if profile is not None:
+        from .defense import ZMask
+
+        defense = ZMask.load(profile, model)
     size_hw = patch_size(preset.task, size, preset.input_size)
     config = config or AttackConfig(patch_size=size_hw)
     config = replace(config, patch_size=size_hw, **overrides)
@@ -65,7 +71,7 @@ def craft_patch(
     metadata = {
         "model": preset_name, "task": preset.task, "size": size, "split": split, "images": len(data),
         "loss": "untargeted" if preset.task == "segmentation" else config.objective,
-        "beta": config.beta, "alpha": config.alpha, "defense_attack": config.defense_attack, "seed": config.seed,
+        "beta": config.beta, "alpha": config.alpha, "profile": str(profile) if profile else None, "defense_attack": config.defense_attack, "seed": config.seed,
         "attack": config.to_dict(), "final_loss_terms_last10": final,
     }
     return result, metadata

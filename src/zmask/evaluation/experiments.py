@@ -1,0 +1,154 @@
+"""The paper's experiments on a fitted model: masking table (Table 1), detection ROC and the beta
+sweep (Fig. 7), defense-aware alpha sweep (Fig. 9), with reports written to a folder."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
+
+from .. import __version__
+from ..defense import ZMask
+from .defenses import DefenseResult, NoDefense, ZMaskDefense
+from .report import examples_figure, fmt, markdown_table, roc_figure, sweep_figure, write_json
+from .runner import PatchSetting, evaluate, place_patches
+
+
+@dataclass
+class ExperimentSpec:
+    """What to run. ``patches``: name -> patch for the masking table (e.g. S, M, L, random L);
+    ``beta_patches``: beta -> patch; ``alpha_patches``: (attack, alpha) -> patch."""
+
+    name: str
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)
+    beta_patches: dict[float, torch.Tensor] = field(default_factory=dict)
+    alpha_patches: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 4
+    examples: int = 2
+
+
+def _metric_key(task) -> str:
+    return "miou" if task.name == "segmentation" else "map"
+
+
+def _auc(clean: list[float], patched: list[float]) -> float | None:
+    if not clean or not patched:
+        return None
+    return float(roc_auc_score([0] * len(clean) + [1] * len(patched), clean + patched))
+
+
+def run_experiments(
+    task: Any, dataset: Dataset, zmask: ZMask, spec: ExperimentSpec, masking_defenses: Sequence[Any], detectors: Sequence[Any],
+    output: str | Path, configuration: dict[str, Any] | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Run everything in ``spec`` and write ``results.json``, ``summary.md`` and figures into ``output``."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    key = _metric_key(task)
+    results: dict[str, Any] = {"metric": key, "experiment": spec.name}
+    # Table 1: task metric under each patch setting, for each masking defense.
+    settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
+    all_defenses = list({d.name: d for d in list(masking_defenses) + list(detectors)}.values())
+    table, _ = evaluate(task, dataset, settings, all_defenses, spec.seed, spec.batch_size, progress)
+    results["masking"] = {s: {d: m.summary() for d, m in row.items()} for s, row in table.items()}
+    # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
+    clean_scores = {d: m.scores for d, m in table["no patch"].items() if m.scores}
+    detection = {}
+    for setting in list(spec.patches):
+        detection[setting] = {}
+        for name, metrics in table[setting].items():
+            if name in clean_scores:
+                detection[setting][name] = {
+                    "auc": _auc(clean_scores[name], metrics.scores),
+                    "tpr": sum(metrics.flagged) / len(metrics.flagged) if metrics.flagged else None,
+                    "fpr": (sum(table["no patch"][name].flagged) / len(table["no patch"][name].flagged)) if table["no patch"][name].flagged else None,
+                }
+    results["detection"] = detection
+    if spec.patches:
+        last = list(spec.patches)[-1]
+        roc_figure(output / "roc.png", {d: (clean_scores[d], table[last][d].scores) for d in clean_scores}, f"clean vs {last}")
+    # Fig. 7: detection AUC and task metric against beta.
+    if spec.beta_patches:
+        betas = sorted(spec.beta_patches)
+        sweep, _ = evaluate(task, dataset, [PatchSetting(f"beta={b}", spec.beta_patches[b]) for b in betas], all_defenses, spec.seed, spec.batch_size, progress)
+        results["beta_sweep"] = {
+            str(b): {d: {**m.summary(), "auc": _auc(clean_scores.get(d, []), m.scores)} for d, m in sweep[f"beta={b}"].items()} for b in betas
+        }
+        sweep_figure(output / "beta_auc.png", betas, {d: [results["beta_sweep"][str(b)][d]["auc"] for b in betas] for d in clean_scores},
+                     "beta", "ROC AUC (clean vs patched)", "detection vs beta")
+        sweep_figure(output / "beta_metric.png", betas, {d.name: [results["beta_sweep"][str(b)][d.name][key] for b in betas] for d in masking_defenses},
+                     "beta", key, f"{key} vs beta")
+    # Fig. 9: defense-aware attacks against alpha.
+    if spec.alpha_patches:
+        alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
+        zmask_only = [d for d in all_defenses if d.name in ("zmask", "none", "masknet")]
+        sweep, _ = evaluate(task, dataset, alpha_settings, zmask_only, spec.seed, spec.batch_size, progress)
+        results["alpha_sweep"] = {s: {d: m.summary() for d, m in row.items()} for s, row in sweep.items()}
+        for attack in sorted({a for a, _ in spec.alpha_patches}):
+            alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
+            rows = [results["alpha_sweep"][f"{attack} alpha={alpha}"] for alpha in alphas]
+            series = {f"{d} {key}": [row[d][key] for row in rows] for d in rows[0]}
+            series["zmask TPR"] = [row["zmask"].get("flag_rate", float("nan")) for row in rows]
+            sweep_figure(output / f"alpha_{attack}.png", alphas, series, "alpha", f"{key} / TPR", f"{attack}-attack vs alpha")
+    # Fig. 6: clean / attacked / attacked + defended examples.
+    if spec.examples and spec.patches:
+        examples_figure(output / "examples.png", _examples(task, dataset, zmask, spec), task.name)
+    results["seconds"] = time.time() - started
+    meta = {"zmask_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "seed": spec.seed, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.threshold}
+    write_json(output / "results.json", {"meta": meta, "results": results})
+    (output / "summary.md").write_text(summary_markdown(results, [d.name for d in all_defenses], meta))
+    return results
+
+
+def _examples(task, dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[str, Any]]:
+    name, patch = list(spec.patches.items())[-1]
+    rows = []
+    for index in range(min(spec.examples, len(dataset))):
+        image = dataset[index]["image"][None]
+        attacked, _ = place_patches(image, patch, [index], spec.seed)
+        with torch.no_grad():
+            clean_out = NoDefense(zmask.model)(image).output
+            attacked_out = NoDefense(zmask.model)(attacked).output
+            defended: DefenseResult = ZMaskDefense(zmask)(attacked)
+        masked = zmask.apply_mask(attacked, 1 - defended.mask) if defended.flagged is not None and bool(defended.flagged[0]) else attacked
+        first = (lambda o: o[0]) if task.name == "segmentation" else (lambda o: o[0])
+        rows.append({"panels": [("clean", image[0], first(clean_out)), (f"attacked ({name})", attacked[0], first(attacked_out)),
+                                ("attacked + Z-Mask", masked[0], first(defended.output))]})
+    return rows
+
+
+def summary_markdown(results: dict[str, Any], defenses: list[str], meta: dict[str, Any]) -> str:
+    key = results["metric"]
+    lines = [f"# {results['experiment']}", "", f"zmask {meta['zmask_version']}, torch {meta['torch']}, seed {meta['seed']}, lambda0 {meta['threshold']}", ""]
+    masking = results["masking"]
+    masking_defenses = [d for d in ("zmask", "masknet", "lgs", "none") if d in defenses]
+    lines += [f"## Masking ({key}; patch pixels ignored; columns as the paper's Table 1)", "",
+              markdown_table(list(masking), masking_defenses, lambda r, c: fmt(masking[r].get(c, {}).get(key))), ""]
+    lines += ["## Patch-masking IoU (predicted vs true patch pixels)", "",
+              markdown_table([r for r in masking if r != "no patch"], masking_defenses, lambda r, c: fmt(masking[r].get(c, {}).get("mask_iou"))), ""]
+    detection = results.get("detection", {})
+    detectors = sorted({d for row in detection.values() for d in row})
+    if detection:
+        lines += ["## Detection (ROC AUC clean vs patched / TPR at the calibrated threshold)", "",
+                  markdown_table(list(detection), detectors, lambda r, c: f"{fmt(detection[r].get(c, {}).get('auc'))} / {fmt(detection[r].get(c, {}).get('tpr'))}"), ""]
+    if "beta_sweep" in results:
+        sweep = results["beta_sweep"]
+        lines += ["## Activation-aware patches (beta sweep; AUC / " + key + ")", "",
+                  markdown_table(list(sweep), detectors + [d for d in masking_defenses if d not in detectors],
+                                 lambda r, c: f"{fmt(sweep[r].get(c, {}).get('auc'))} / {fmt(sweep[r].get(c, {}).get(key))}"), ""]
+    if "alpha_sweep" in results:
+        sweep = results["alpha_sweep"]
+        columns = sorted({d for row in sweep.values() for d in row})
+        lines += ["## Defense-aware attacks (alpha sweep; " + key + " / Z-Mask TPR)", "",
+                  markdown_table(list(sweep), columns, lambda r, c: f"{fmt(sweep[r].get(c, {}).get(key))} / {fmt(sweep[r].get(c, {}).get('flag_rate'))}"), ""]
+    return "\n".join(lines) + "\n"

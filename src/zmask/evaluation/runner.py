@@ -1,0 +1,160 @@
+"""Evaluation loops: task metrics, detection scores and mask IoU for patch settings x defenses.
+
+Loops are shardable: each ``torch.distributed`` rank evaluates its own share of the dataset
+(``zmask.distributed.shard``) and metrics are reduced across ranks. Patch positions depend only on
+the seed and each image's index, so every defense sees the same attacked images on any sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from ..attacks import EOTConfig, apply_patch
+from ..distributed import all_gather_objects, shard
+from ..models.yolov5 import scale_boxes
+from ..tasks import CocoEvaluator, ConfusionMatrix
+
+
+@dataclass
+class PatchSetting:
+    """A named attack condition: no patch (``patch=None``) or a patch placed at random positions."""
+
+    name: str
+    patch: torch.Tensor | None = None
+
+
+@dataclass
+class DefenseMetrics:
+    """What one defense achieved under one setting."""
+
+    task: dict[str, Any] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)
+    flagged: list[bool] = field(default_factory=list)
+    mask_iou: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        result = dict(self.task)
+        if self.flagged:
+            result["flag_rate"] = sum(self.flagged) / len(self.flagged)
+        if self.mask_iou:
+            result["mask_iou"] = sum(self.mask_iou) / len(self.mask_iou)
+        return result
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {"image": torch.stack([item["image"] for item in items]), "index": [item["index"] for item in items]}
+    for key in ("label", "target", "letterbox"):
+        if key in items[0]:
+            out[key] = torch.stack([item[key] for item in items]) if key == "label" else [item[key] for item in items]
+    return out
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "index": index}
+
+
+def place_patches(images: torch.Tensor, patch: torch.Tensor, indices: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste the (8-bit, unscaled) patch at a random position per image, seeded by (seed, index)."""
+    patched, masks = [], []
+    for image, index in zip(images, indices):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
+        placed = apply_patch(image[None], patch, generator, EOTConfig.none())
+        patched.append(placed.images[0])
+        masks.append(placed.masks[0])
+    return torch.stack(patched), torch.stack(masks)
+
+
+def evaluate(
+    task: Any,
+    dataset: Dataset,
+    settings: Sequence[PatchSetting],
+    defenses: Sequence[Any],
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+    keep_examples: int = 0,
+) -> tuple[dict[str, dict[str, DefenseMetrics]], list[dict[str, Any]]]:
+    """Run every defense under every setting; returns metrics[setting][defense] and example images."""
+    indexed = shard(_Indexed(dataset))
+    results: dict[str, dict[str, DefenseMetrics]] = {}
+    examples: list[dict[str, Any]] = []
+    for setting in settings:
+        metrics = {defense.name: DefenseMetrics() for defense in defenses}
+        accumulators = {defense.name: _metric(task) for defense in defenses}
+        loader = DataLoader(indexed, batch_size=batch_size, collate_fn=_collate)
+        for batch in tqdm(loader, desc=setting.name, disable=not progress):
+            images = batch["image"]
+            if setting.patch is not None:
+                images, masks = place_patches(images, setting.patch, batch["index"], seed)
+            else:
+                masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+            for defense in defenses:
+                with torch.no_grad():
+                    result = defense(images)
+                _update(task, accumulators[defense.name], result.output, batch, masks)
+                record = metrics[defense.name]
+                if result.score is not None:
+                    record.scores += result.score.float().cpu().tolist()
+                if result.flagged is not None:
+                    record.flagged += result.flagged.cpu().tolist()
+                if result.mask is not None and setting.patch is not None:
+                    record.mask_iou += _iou(result.mask, masks)
+                if len(examples) < keep_examples and setting.patch is not None:
+                    examples.append({"setting": setting.name, "defense": defense.name, "image": images[0], "output": _first(result.output), "mask": masks[0]})
+        for defense in defenses:
+            record = metrics[defense.name]
+            record.task = _compute(task, accumulators[defense.name])
+            record.scores, record.flagged, record.mask_iou = (all_gather_objects(v) for v in (record.scores, record.flagged, record.mask_iou))
+        results[setting.name] = metrics
+    return results, examples
+
+
+def _metric(task: Any):
+    return task.metric() if task.name == "segmentation" else task.metric()
+
+
+def _update(task, accumulator, output, batch, masks) -> None:
+    if task.name == "segmentation":
+        accumulator.update(task.predict(output).cpu(), batch["label"], ignore_mask=masks[:, 0] > 0.5)
+        return
+    mapped = []
+    for detections, geometry in zip(output, batch["letterbox"]):
+        detections = dict(detections)
+        detections["boxes"] = scale_boxes(detections["boxes"].detach().cpu(), geometry)
+        mapped.append(detections)
+    accumulator.update([target["image_id"] for target in batch["target"]], mapped)
+
+
+def _compute(task, accumulator) -> dict[str, Any]:
+    if isinstance(accumulator, ConfusionMatrix):
+        accumulator.all_reduce()
+        result = accumulator.compute()
+        return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
+    result = accumulator.compute()
+    return {"map": result["map"], "ap50": result["ap50"]}
+
+
+def _iou(predicted: torch.Tensor, true: torch.Tensor) -> list[float]:
+    predicted, true = predicted.cpu() > 0.5, true.cpu() > 0.5
+    intersection = (predicted & true).flatten(1).sum(1).float()
+    union = (predicted | true).flatten(1).sum(1).float()
+    return (intersection / union.clamp(min=1)).tolist()
+
+
+def _first(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output[0].detach().cpu()
+    return {k: v.detach().cpu() for k, v in output[0].items()}
