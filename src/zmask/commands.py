@@ -153,9 +153,9 @@ def run_defend(args: argparse.Namespace) -> int:
     from .models.yolov5 import letterbox
 
     preset = get_preset(args.model)
-    paths = _input_images(args.inputs)
     model = preset.build(True)
     defense = ZMask.load(args.profile, model)
+    paths = _input_images(args.inputs)
     out = Path(args.out)
     for folder in ("masked", "masks", "heatmaps"):
         (out / folder).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,157 @@
+"""Every subcommand runs at small sizes; user errors are one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from zmask.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, assets):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def noise_patch(workspace):
+    path = workspace / "noise.png"
+    assert main(["attack", "--model", "espnet_camvid", "--noise", "--out", str(path), "--seed", "3"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def profile(workspace, noise_patch):
+    path = workspace / "espnet.safetensors"
+    code = main(["fit", "--model", "espnet_camvid", "--patches", str(noise_patch), "--out", str(path), "--statistics-images", "4",
+                 "--fusion-images", "4", "--calibration-images", "6", "--epochs", "2", "--no-progress"])
+    assert code == 0 and path.is_file()
+    return path
+
+
+def test_console_script_help():
+    exe = shutil.which("zmask")
+    assert exe is not None, "pip install -e . must install the zmask console script"
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    for name in ("demo", "fit", "defend", "attack", "evaluate", "bench", "models", "assets"):
+        assert name in result.stdout
+    for name in ("demo", "fit", "defend", "attack", "evaluate", "bench", "models", "assets"):
+        sub = subprocess.run([exe, name, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and "--json" in sub.stdout
+
+
+def test_models_and_assets(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {"espnet_camvid", "yolov5n_coco"} <= {r["name"] for r in rows}
+    code, out, _ = run(capsys, "models", "--layers", "espnet_camvid")
+    assert code == 0 and "net.encoder.level2_0" in out.split()
+    code, out, _ = run(capsys, "assets", "--json")
+    assert code == 0 and all(r["state"] == "ok" for r in json.loads(out))
+
+
+def test_attack_writes_patch_and_sidecar(capsys, workspace):
+    out = workspace / "crafted.png"
+    code, stdout, _ = run(capsys, "attack", "--model", "espnet_camvid", "--steps", "2", "--batch-size", "1", "--limit", "2",
+                          "--size", "S", "--out", str(out), "--no-progress", "--json")
+    assert code == 0
+    record = json.loads(stdout)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["beta"] == 1.0 and sidecar["seed"] == 0 and sidecar["size"] == "S" and record["seconds_per_step"] > 0
+    assert len(sidecar["final_loss_terms_last10"]) == 2
+
+
+def test_fit_defend_outputs(capsys, workspace, profile, noise_patch, assets):
+    folder = workspace / "images"
+    folder.mkdir(exist_ok=True)
+    for line in (assets / "camvid" / "val.txt").read_text().splitlines()[:2]:
+        shutil.copy(assets / "camvid" / line.split()[0], folder)
+    out = workspace / "defended"
+    code, stdout, _ = run(capsys, "defend", str(folder), "--model", "espnet_camvid", "--profile", str(profile), "--out", str(out), "--json")
+    assert code == 0
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert len(records) == 2 and all({"score", "flagged", "masked_fraction"} <= set(r) for r in records)
+    assert len(list((out / "masked").glob("*.png"))) == 2 and len(list((out / "masks").glob("*.png"))) == 2
+    assert json.loads((out / "run.json").read_text())["asset_sha256"]["espnet_camvid"].startswith("7d354a25")
+
+
+def test_evaluate_writes_report(capsys, workspace, profile, noise_patch):
+    out = workspace / "report"
+    code, _, _ = run(capsys, "evaluate", "--model", "espnet_camvid", "--profile", str(profile), "--out", str(out), "--patch", f"L={noise_patch}",
+                     "--beta-patch", f"1.0={noise_patch}", "--defenses", "zmask", "lgs", "none", "hn", "--limit", "2", "--train-images", "4", "--no-progress")
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results["masking"]) == {"no patch", "L"} and "zmask" in results["masking"]["L"]
+    assert "auc" in results["detection"]["L"]["zmask"]
+    assert "## Masking" in (out / "summary.md").read_text()
+    assert (out / "roc.png").is_file() and (out / "beta_auc.png").is_file() and (out / "examples.png").is_file()
+
+
+def test_bench_quick(capsys):
+    code, out, _ = run(capsys, "bench", "--quick", "--repeats", "1", "--json")
+    figures = json.loads(out)
+    assert code == 0 and figures["spr_speedup"] > 0 and figures["images_per_second_clean"] > 0
+
+
+def test_demo_quick(capsys, workspace):
+    code, out, _ = run(capsys, "demo", "--quick", "--out", str(workspace / "demo"), "--no-progress", "--json")
+    summary = json.loads(out)
+    assert code == 0 and (workspace / "demo" / "demo.png").is_file()
+    assert 0.0 <= summary["miou_attacked"] <= 1.0 and "auc_clean_vs_attacked" in summary
+
+
+def _one_line_error(capsys, argv, pattern):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert pattern in err
+    return err
+
+
+def test_error_missing_asset(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZMASK_ASSETS", str(tmp_path))
+    monkeypatch.setenv("ZMASK_CACHE", str(tmp_path / "cache"))
+    _one_line_error(capsys, ["attack", "--model", "espnet_camvid", "--steps", "1", "--out", str(tmp_path / "p.png")], "asset 'espnet_camvid'")
+
+
+def test_error_wrong_path(capsys, profile, tmp_path):
+    _one_line_error(capsys, ["defend", str(tmp_path / "nowhere"), "--model", "espnet_camvid", "--profile", str(profile), "--out", str(tmp_path / "o")],
+                    "does not exist")
+
+
+def test_error_unreadable_image(capsys, profile, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not an image")
+    _one_line_error(capsys, ["defend", str(bad), "--model", "espnet_camvid", "--profile", str(profile), "--out", str(tmp_path / "o")],
+                    f"cannot read image {bad}")
+
+
+def test_error_profile_for_another_model(capsys, profile, tmp_path):
+    _one_line_error(capsys, ["defend", str(tmp_path), "--model", "yolov5n_coco", "--profile", str(profile), "--out", str(tmp_path / "o")],
+                    "does not fit this model")
+
+
+def test_debug_shows_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main(["defend", str(tmp_path / "nowhere"), "--model", "espnet_camvid", "--profile", str(tmp_path / "p"), "--out", str(tmp_path), "--debug"])
+
+
+def test_config_file(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: espnet_camvid\nnoise: true\nsize: M\nseed: 5\n")
+    out = tmp_path / "n.png"
+    code, _, _ = run(capsys, "attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out))
+    assert code == 0 and json.loads(out.with_suffix(".json").read_text())["seed"] == 5
+    config.write_text("modle: x\n")
+    _one_line_error(capsys, ["attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out)], "unknown options")
