@@ -50,7 +50,7 @@ def test_console_script_help():
         assert sub.returncode == 0 and "--json" in sub.stdout
 
 
-def test_models_and_assets(capsys):
+def test_models_and_assets(capsys, assets):
     code, out, _ = run(capsys, "models", "--json")
     rows = json.loads(out)
     assert code == 0 and {"espnet_camvid", "yolov5n_coco"} <= {r["name"] for r in rows}
@@ -97,7 +97,7 @@ def test_evaluate_writes_report(capsys, workspace, profile, noise_patch):
     assert (out / "roc.png").is_file() and (out / "beta_auc.png").is_file() and (out / "examples.png").is_file()
 
 
-def test_bench_quick(capsys):
+def test_bench_quick(capsys, assets):
     code, out, _ = run(capsys, "bench", "--quick", "--repeats", "1", "--json")
     figures = json.loads(out)
     assert code == 0 and figures["spr_speedup"] > 0 and figures["images_per_second_clean"] > 0

@@ -210,7 +210,7 @@ def build_baselines(preset, model, zmask, train, patches, names, seed: int, prog
     from .evaluation import (CoverageScore, HyperNeuronScore, LGSDefense, MaskNet, MaskNetDefense, NoDefense, ScoreDefense,
                              ZMaskDefense, patched_batches, train_masknet)
 
-    masking, detectors = [], []
+    masking, detectors, observers = [], [], []
     clean_batches = [torch.stack([train[i]["image"] for i in range(s, min(s + batch_size, len(train)))]) for s in range(0, len(train), batch_size)]
     labelled = patched_batches(train, patches, batch_size, zmask_eot(), seed + 7) if patches else []
     for name in names:
@@ -218,7 +218,7 @@ def build_baselines(preset, model, zmask, train, patches, names, seed: int, prog
             masking.append(ZMaskDefense(zmask))
             detectors.append(masking[-1])
         elif name == "none":
-            masking.append(NoDefense(model))
+            continue  # built last, so that HN / FPDA can observe its forward pass
         elif name == "lgs":
             masking.append(LGSDefense(model))
         elif name == "masknet":
@@ -228,7 +228,7 @@ def build_baselines(preset, model, zmask, train, patches, names, seed: int, prog
             train_masknet(net, labelled, epochs=6, seed=seed, progress=progress)
             masking.append(MaskNetDefense(model, net))
         elif name in ("hn", "fpda"):
-            layer = zmask.config.deep_layers[1] if len(zmask.config.deep_layers) > 1 else zmask.config.deep_layers[0]
+            layer = deepest_layer(model, zmask.config.deep_layers, clean_batches[0][:1])
             scorer = (HyperNeuronScore if name == "hn" else CoverageScore)(model, layer).fit(clean_batches, progress)
             threshold = None
             if labelled:  # ROC-calibrated on the training images, like Z-Mask's lambda0
@@ -236,10 +236,22 @@ def build_baselines(preset, model, zmask, train, patches, names, seed: int, prog
                 patched = torch.cat([masks.flatten(1).amax(1) > 0 for _, masks in labelled])
                 if patched.any() and (~patched).any():
                     threshold = calibrate_threshold(scores[~patched], scores[patched]).threshold
-            detectors.append(ScoreDefense(name, model, scorer, threshold))
+            observers.append(ScoreDefense(name, model, scorer, threshold))
         else:
             raise CommandError(f"unknown defense {name!r}; choose from zmask, masknet, lgs, none, hn, fpda")
-    return masking, detectors
+    if "none" in names or observers:
+        masking.append(NoDefense(model, observers))
+    return masking, detectors + observers
+
+
+def deepest_layer(model, layers, probe: torch.Tensor) -> str:
+    """The layer of ``layers`` with the coarsest output (smallest H x W, then most channels)."""
+    from .core.capture import ActivationCapture
+
+    with torch.no_grad(), ActivationCapture(model, layers) as capture:
+        model(probe)
+    shapes = {name: capture.activations[name].shape for name in layers}
+    return min(layers, key=lambda name: (shapes[name][-2] * shapes[name][-1], -shapes[name][1]))
 
 
 def zmask_eot():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,22 +17,37 @@ from .baselines import LGSConfig, MaskNet, local_gradient_smoothing
 @dataclass
 class DefenseResult:
     """output: the task output; score: detection score (B) or None; flagged: B bools or None;
-    mask: predicted patch pixels (B x 1 x H x W, 1 = masked) or None."""
+    mask: predicted patch pixels (B x 1 x H x W, 1 = masked) or None; extra: results of detectors
+    that observed the same forward pass (name -> (score, flagged))."""
 
     output: Any
     score: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 class NoDefense:
+    """The undefended model. Detection-only baselines (HN, FPDA) passed as ``observers`` score the
+    same forward pass, so they cost no extra inference."""
+
     name = "none"
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, observers: list[ScoreDefense] | None = None) -> None:
+        self.model, self.observers = model, list(observers or [])
 
     def __call__(self, images: torch.Tensor) -> DefenseResult:
-        return DefenseResult(self.model(images))
+        if not self.observers:
+            return DefenseResult(self.model(images))
+        layers = list(dict.fromkeys(o.scorer.layer for o in self.observers))
+        with ActivationCapture(self.model, layers) as capture:
+            output = self.model(images)
+        activations = capture.require_all()
+        extra = {}
+        for observer in self.observers:
+            score = observer.scorer.score_activation(activations[observer.scorer.layer].float())
+            extra[observer.name] = (score, score > observer.threshold if observer.threshold is not None else None)
+        return DefenseResult(output, extra=extra)
 
 
 class ZMaskDefense:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from .. import __version__
 from ..defense import ZMask
-from .defenses import DefenseResult, NoDefense, ZMaskDefense
+from .defenses import DefenseResult, NoDefense, ScoreDefense, ZMaskDefense
 from .report import examples_figure, fmt, markdown_table, roc_figure, sweep_figure, write_json
 from .runner import PatchSetting, evaluate, place_patches
 
@@ -57,7 +57,7 @@ def run_experiments(
     results: dict[str, Any] = {"metric": key, "experiment": spec.name}
     # Table 1: task metric under each patch setting, for each masking defense.
     settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
-    all_defenses = list({d.name: d for d in list(masking_defenses) + list(detectors)}.values())
+    all_defenses = list({d.name: d for d in list(masking_defenses) + [d for d in detectors if not isinstance(d, ScoreDefense)]}.values())
     table, _ = evaluate(task, dataset, settings, all_defenses, spec.seed, spec.batch_size, progress)
     results["masking"] = {s: {d: m.summary() for d, m in row.items()} for s, row in table.items()}
     # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
@@ -121,9 +121,8 @@ def _examples(task, dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[st
             attacked_out = NoDefense(zmask.model)(attacked).output
             defended: DefenseResult = ZMaskDefense(zmask)(attacked)
         masked = zmask.apply_mask(attacked, 1 - defended.mask) if defended.flagged is not None and bool(defended.flagged[0]) else attacked
-        first = (lambda o: o[0]) if task.name == "segmentation" else (lambda o: o[0])
-        rows.append({"panels": [("clean", image[0], first(clean_out)), (f"attacked ({name})", attacked[0], first(attacked_out)),
-                                ("attacked + Z-Mask", masked[0], first(defended.output))]})
+        rows.append({"panels": [("clean", image[0], clean_out[0]), (f"attacked ({name})", attacked[0], attacked_out[0]),
+                                ("attacked + Z-Mask", masked[0], defended.output[0])]})
     return rows
 
 

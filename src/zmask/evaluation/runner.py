@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..attacks import EOTConfig, apply_patch
@@ -92,7 +92,8 @@ def evaluate(
     results: dict[str, dict[str, DefenseMetrics]] = {}
     examples: list[dict[str, Any]] = []
     for setting in settings:
-        metrics = {defense.name: DefenseMetrics() for defense in defenses}
+        observers = [o.name for d in defenses for o in getattr(d, "observers", [])]
+        metrics = {name: DefenseMetrics() for name in [d.name for d in defenses] + observers}
         accumulators = {defense.name: _metric(task) for defense in defenses}
         loader = DataLoader(indexed, batch_size=batch_size, collate_fn=_collate)
         for batch in tqdm(loader, desc=setting.name, disable=not progress):
@@ -112,11 +113,15 @@ def evaluate(
                     record.flagged += result.flagged.cpu().tolist()
                 if result.mask is not None and setting.patch is not None:
                     record.mask_iou += _iou(result.mask, masks)
+                for name, (score, flagged) in result.extra.items():
+                    metrics[name].scores += score.float().cpu().tolist()
+                    if flagged is not None:
+                        metrics[name].flagged += flagged.cpu().tolist()
                 if len(examples) < keep_examples and setting.patch is not None:
                     examples.append({"setting": setting.name, "defense": defense.name, "image": images[0], "output": _first(result.output), "mask": masks[0]})
-        for defense in defenses:
-            record = metrics[defense.name]
-            record.task = _compute(task, accumulators[defense.name])
+        for name, record in metrics.items():
+            if name in accumulators:
+                record.task = _compute(task, accumulators[name])
             record.scores, record.flagged, record.mask_iou = (all_gather_objects(v) for v in (record.scores, record.flagged, record.mask_iou))
         results[setting.name] = metrics
     return results, examples

@@ -81,7 +81,8 @@ PRESETS: dict[str, ModelPreset] = {
         _espnet_preset("cityscapes"),
         ModelPreset(
             "yolov5n_coco", "detection", "YOLOv5n v6.1 on COCO (project definition, upstream weights)",
-            lambda pretrained: yolov5n(pretrained=pretrained), (640, 640),
+            # COCO evaluation thresholds (the reference mAP protocol); draw with score > 0.25.
+            lambda pretrained: yolov5n(pretrained=pretrained, conf_threshold=0.001, iou_threshold=0.6, max_det=300), (640, 640),
             ("net.model.0", "net.model.1", "net.model.2"), ("net.model.0", "net.model.8", "net.model.2"),
             (320, 320), pretrained_source="asset yolov5n_coco",
         ),
