@@ -277,8 +277,10 @@ class YOLOv5Detector(nn.Module):
         """Differentiable attack objective (to maximise) on predictions matched to ground truth.
 
         Predictions are matched to a ground-truth box (xyxy in input pixels, COCO ``labels``) when
-        their IoU exceeds 0.5 (0.3 for ``vanishing``). ``untargeted``: mean cross-entropy of the
-        true class, -log(obj * p_class); ``vanishing``: mean log(1 - obj), which suppresses them.
+        their IoU exceeds 0.5 (0.3 for ``vanishing``). ``untargeted`` (class-untargeted): the mean
+        margin log(max other class probability) - log(true class probability), which keeps the
+        objects detected but under wrong classes (confident false positives, missed true ones: what
+        lowers COCO AP); ``vanishing``: mean log(1 - objectness), which suppresses the detections.
         """
         if kind not in ("untargeted", "vanishing"):
             raise ValueError(f"unknown detection objective {kind!r}; use 'untargeted' or 'vanishing'")
@@ -302,8 +304,10 @@ class YOLOv5Detector(nn.Module):
                 terms.append(torch.log1p(-objectness.clamp(max=1 - 1e-6)))
             else:
                 classes = torch.tensor([lookup[int(l)] for l in target["labels"]], device=rows.device)[match[selected]]
-                probability = objectness * rows[selected, 5:].gather(1, classes[:, None]).squeeze(1)
-                terms.append(-torch.log(probability.clamp(min=1e-9)))
+                class_probability = rows[selected, 5:]
+                true = class_probability.gather(1, classes[:, None]).squeeze(1)
+                other = class_probability.scatter(1, classes[:, None], 0.0).amax(1)
+                terms.append(torch.log(other.clamp(min=1e-9)) - torch.log(true.clamp(min=1e-9)))
         if not terms:
             return decoded.sum() * 0.0
         return torch.cat(terms).mean()
