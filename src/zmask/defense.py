@@ -141,17 +141,20 @@ class ZMask(nn.Module):
         """
         shallow, deep, targets = [], [], []
         with torch.no_grad():
-            for batch in tqdm(data, desc="heatmaps", disable=not progress):
-                images, masks = batch_images_and_masks(batch)
-                images = check_images(images, self.config.in_channels)
-                masks = check_masks(masks.to(images.device), images)
-                maps = self.heatmaps(images)
+            for maps, masks in self._labelled_heatmaps(data, "heatmaps", progress):
                 shallow.append(maps.shallow)
                 deep.append(maps.deep)
                 targets.append((resize_nearest(masks, self.config.heatmap_size) > 0.5).float())
         if not shallow:
             raise ValueError("no (image, patch mask) batches were given")
         return torch.cat(shallow), torch.cat(deep), torch.cat(targets)
+
+    def _labelled_heatmaps(self, data: Iterable[Any], description: str, progress: bool):
+        """(heatmaps, validated binary patch masks) for each (images, patch_masks) batch of ``data``."""
+        for batch in tqdm(data, desc=description, disable=not progress):
+            images, masks = batch_images_and_masks(batch)
+            images = check_images(images, self.config.in_channels)
+            yield self.heatmaps(images), check_masks(masks.to(images.device), images)
 
     def fit_fusion(self, data: Iterable[Any], settings: FusionTraining = FusionTraining(), progress: bool = False) -> list[float]:
         """Train the fusion block on (images, patch_masks) batches; returns the loss per epoch."""
@@ -163,11 +166,7 @@ class ZMask(nn.Module):
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty."""
         scores, labels = [], []
         with torch.no_grad():
-            for batch in tqdm(data, desc="calibration", disable=not progress):
-                images, masks = batch_images_and_masks(batch)
-                images = check_images(images, self.config.in_channels)
-                masks = check_masks(masks.to(images.device), images)
-                maps = self.heatmaps(images)
+            for maps, masks in self._labelled_heatmaps(data, "calibration", progress):
                 soft = self.fusion(maps.shallow, maps.deep)
                 scores.append(detection_score(maps.shallow, maps.deep, soft, self.config.score).cpu())
                 labels.append(masks.flatten(1).amax(1).cpu() > 0)
