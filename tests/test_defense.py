@@ -161,3 +161,13 @@ def test_merge_outputs_structures():
     assert merged["x"].tolist() == [0.0, 1.0]
     with pytest.raises(TypeError, match="cannot merge"):
         merge_outputs("text", "text", index)
+
+
+def test_mask_dilation_grows_the_mask(fitted):
+    images, _ = patched_batch(1, seed=200)
+    plain = fitted.detect(images, gate=False).keep_mask
+    dilated = ZMask(fitted.model, TOY_CONFIG.replace(mask_dilation=3), statistics=fitted.statistics, fusion=fitted.fusion).detect(images, gate=False).keep_mask
+    assert (1 - dilated).sum() > (1 - plain).sum()
+    assert torch.all((1 - dilated) >= (1 - plain))
+    with pytest.raises(ValueError, match="mask_dilation"):
+        TOY_CONFIG.replace(mask_dilation=-1)

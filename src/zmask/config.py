@@ -49,6 +49,8 @@ class ZMaskConfig:
         std_floor: sigma is clamped to at least this before adding eps.
         score: detection score definition, "reference" (default) or "paper".
         mask_threshold: soft-mask threshold of Eq. 4 (strict >).
+        mask_dilation: grow the binary mask by this many input pixels before masking (0 = Eq. 4
+            as written); covers patch borders that the heatmap resolution leaves visible.
         fill_value: value written under masked pixels, in the space the model consumes; a scalar
             or one value per input channel (0 = black for models taking [0, 1] images).
         in_channels: expected channel count of the model input.
@@ -71,6 +73,7 @@ class ZMaskConfig:
     std_floor: float = 0.0
     score: Literal["reference", "paper"] = "reference"
     mask_threshold: float = 0.5
+    mask_dilation: int = 0
     fill_value: float | tuple[float, ...] = 0.0
     in_channels: int = 3
     box_method: Literal["auto", "table", "separable"] = "auto"
@@ -115,6 +118,8 @@ class ZMaskConfig:
             raise ValueError("eps and std_floor must be finite and non-negative")
         if self.eps + self.std_floor <= 0:
             raise ValueError("eps + std_floor must be positive, or a constant channel divides by zero")
+        if self.mask_dilation < 0:
+            raise ValueError(f"mask_dilation={self.mask_dilation} must be >= 0")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1)")
         if isinstance(self.fill_value, tuple) and len(self.fill_value) != self.in_channels:

@@ -235,6 +235,9 @@ class ZMask(nn.Module):
         else:
             flagged = torch.ones_like(score, dtype=torch.bool)
         masked = F.interpolate((soft > self.config.mask_threshold).float(), size=input_size, mode="nearest")
+        if self.config.mask_dilation:
+            width = 2 * self.config.mask_dilation + 1
+            masked = F.max_pool2d(masked, width, stride=1, padding=self.config.mask_dilation)
         keep = torch.where(flagged.view(-1, 1, 1, 1), 1.0 - masked, torch.ones_like(masked))
         return Detection(soft, score, flagged, keep)
 
