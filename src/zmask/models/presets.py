@@ -12,6 +12,8 @@ from .espnet import ESPNET_VARIANTS, espnet
 from .torchvision_models import build_detector, build_segmenter
 from .yolov5 import yolov5n
 
+MASK_DILATION = 8
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -33,12 +35,14 @@ class ModelPreset:
     ignore_index: int = 255
     class_names: tuple[str, ...] = ()
     pretrained_source: str = ""
+    config_overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, **overrides) -> ZMaskConfig:
-        """The paper's setting scaled to this model's input and heatmap size."""
+        """The paper's setting scaled to this model's input and heatmap size, with the preset's own
+        choices (``config_overrides``) and then the caller's ``overrides`` applied."""
         builder = ZMaskConfig.for_segmentation if self.task == "segmentation" else ZMaskConfig.for_detection
         base = builder(self.shallow_layers, self.deep_layers, self.input_size, heatmap_size=self.heatmap_size)
-        return base.replace(**overrides) if overrides else base
+        return base.replace(**{**dict(self.config_overrides), **overrides})
 
 
 def _espnet_preset(dataset: str) -> ModelPreset:
@@ -54,6 +58,10 @@ def _espnet_preset(dataset: str) -> ModelPreset:
         ("net.encoder.b1", "net.encoder.b3", "net.encoder.b2"),
         (height // 4, width // 4), variant.classes - 1, variant.ignore_index, variant.class_names[:-1],
         f"asset {variant.asset}",
+        # Chosen on CamVid train images held out from fitting (README, "Masking settings"): aligned
+        # pooling (our fusion block is trained, so the authors' stretch is not needed), the
+        # dataset's mean colour as fill (as the authors' demo), and a dilated mask.
+        (("pooling", "same"), ("fill_value", tuple(v / 255 for v in reversed(variant.mean_bgr))), ("mask_dilation", MASK_DILATION)),
     )
 
 
@@ -89,6 +97,8 @@ PRESETS: dict[str, ModelPreset] = {
             # patched from clean images (model.1 AUC 1.00, model.2 0.97); deep layers do not (< 0.6).
             ("net.model.1", "net.model.2"), ("net.model.1", "net.model.2", "net.model.3"),
             (320, 320), pretrained_source="asset yolov5n_coco",
+            # Not tuned: aligned pooling, and the letterbox grey as fill.
+            config_overrides=(("pooling", "same"), ("fill_value", 114 / 255)),
         ),
         # Spec section 3 (the paper's detectors).
         _detector_preset("ssd300_vgg16", (320, 320), ("backbone.extra.0.3", "backbone.extra.0.1"),
