@@ -45,7 +45,23 @@ def _difference(table: torch.Tensor, windows: AxisWindows, dim: int, out: torch.
         first = int(windows.start[0])
         upper, lower = table.narrow(dim, first + length, windows.count), table.narrow(dim, first, windows.count)
         return torch.sub(upper, lower, out=out) if out is not None else upper - lower
+    if windows.same_offsets is not None and windows.count == table.shape[dim] - 1:
+        # Clipped windows [j - before, j + after + 1): pad the table by repeating its first and
+        # last entries, then every window is a plain slice difference.
+        before, after = windows.same_offsets
+        padded = _replicate_pad(table, dim, before, after)
+        upper, lower = padded.narrow(dim, before + after + 1, windows.count), padded.narrow(dim, 0, windows.count)
+        return torch.sub(upper, lower, out=out) if out is not None else upper - lower
     return table.index_select(dim, windows.end) - table.index_select(dim, windows.start)
+
+
+def _replicate_pad(table: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    parts = [table.narrow(dim, 0, 1).expand(*table.shape[:dim % table.dim()], before, *table.shape[dim % table.dim() + 1:])] if before else []
+    parts.append(table)
+    if after:
+        last = table.narrow(dim, table.shape[dim] - 1, 1)
+        parts.append(last.expand(*table.shape[:dim % table.dim()], after, *table.shape[dim % table.dim() + 1:]))
+    return torch.cat(parts, dim)
 
 
 # float32 column differences lose about 6e-8 * W / k_w of the map's scale to cancellation; allow
@@ -67,13 +83,17 @@ def box_sum_from_table(table: torch.Tensor, rows: AxisWindows, cols: AxisWindows
     default geometry) both differences are written into reused buffers instead of new tensors.
     """
     dtype = column_dtype(table.shape[-1] - 1, cols)
-    if workspace is None or table.requires_grad or rows.uniform_length() is None or cols.uniform_length() is None:
+    if workspace is None or table.requires_grad or not (_sliceable(rows, table, -2) and _sliceable(cols, table, -1)):
         return _difference(_difference(table, rows, -2).to(dtype), cols, -1)
     leading = table.shape[:-2]
     band = workspace.take("band", (*leading, rows.count, table.shape[-1]), dtype, table.device)
     _difference(table, rows, -2, out=band)
     sums = workspace.take("sums", (*leading, rows.count, cols.count), dtype, table.device)
     return _difference(band, cols, -1, out=sums)
+
+
+def _sliceable(windows: AxisWindows, table: torch.Tensor, dim: int) -> bool:
+    return windows.uniform_length() is not None or (windows.same_offsets is not None and windows.count == table.shape[dim] - 1)
 
 
 def window_areas(rows: AxisWindows, cols: AxisWindows) -> torch.Tensor:

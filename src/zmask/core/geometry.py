@@ -40,6 +40,7 @@ class AxisWindows:
     start: torch.Tensor
     end: torch.Tensor
     inverse: torch.Tensor
+    same_offsets: tuple[int, int] | None = None
 
     @property
     def count(self) -> int:
@@ -61,7 +62,7 @@ class AxisWindows:
         return None
 
     def to(self, device: torch.device | str) -> AxisWindows:
-        return AxisWindows(self.start.to(device), self.end.to(device), self.inverse.to(device))
+        return AxisWindows(self.start.to(device), self.end.to(device), self.inverse.to(device), self.same_offsets)
 
 
 def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
@@ -86,7 +87,10 @@ def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
         raise ValueError(f"unknown pooling geometry {pooling!r}; use 'valid_stretch' or 'same'")
     keys = starts * (size + 1) + ends
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    return AxisWindows(start=unique_keys // (size + 1), end=unique_keys % (size + 1), inverse=inverse)
+    # "same" windows are every position's window clipped at the borders: (before, after) lets the
+    # box filter read them by slicing a replicate-padded table instead of gathering.
+    offsets = ((kernel - 1) // 2, kernel // 2) if pooling == "same" else None
+    return AxisWindows(start=unique_keys // (size + 1), end=unique_keys % (size + 1), inverse=inverse, same_offsets=offsets)
 
 
 def window_weights(windows: AxisWindows, source_index: torch.Tensor, source_size: int) -> torch.Tensor:

@@ -207,10 +207,8 @@ class LayerRefiner:
             pooled = box_mean_separable(source, tuple(shape), plan.row_weights.weights, plan.col_weights.weights, self.workspace)
             return _abs_inplace(pooled).sum(2).transpose(0, 1)
         sums = box_sum_from_table(source, plan.rows, plan.cols, self.workspace)
-        rows_len, cols_len = plan.rows.uniform_length(), plan.cols.uniform_length()
-        if rows_len is not None and cols_len is not None:
-            return _abs_inplace(sums).sum(1).float() / (rows_len * cols_len)
-        return (sums / window_areas(plan.rows, plan.cols)).abs().sum(1).float()
+        # |sum / area| = |sum| / area: reduce over channels first, divide the small map after.
+        return (_abs_inplace(sums).sum(1) / window_areas(plan.rows, plan.cols).to(sums)).float()
 
 
 def _abs_inplace(values: torch.Tensor) -> torch.Tensor:
