@@ -261,8 +261,6 @@ def zmask_eot():
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
     from .attacks import patch_size, random_noise_patch
     from .data.cache import CachedDataset
     from .defense import ZMask

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import Subset
 
 from .attacks import load_patch
 from .core.fusion import FusionTraining

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..attacks import EOTConfig, apply_patch
 from ..distributed import all_gather_objects, shard
 from ..models.yolov5 import scale_boxes
-from ..tasks import CocoEvaluator, ConfusionMatrix
+from ..tasks import ConfusionMatrix
 
 
 @dataclass
