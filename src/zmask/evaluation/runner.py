@@ -94,7 +94,7 @@ def evaluate(
     for setting in settings:
         observers = [o.name for d in defenses for o in getattr(d, "observers", [])]
         metrics = {name: DefenseMetrics() for name in [d.name for d in defenses] + observers}
-        accumulators = {defense.name: _metric(task) for defense in defenses}
+        accumulators = {defense.name: task.metric() for defense in defenses}
         loader = DataLoader(indexed, batch_size=batch_size, collate_fn=_collate)
         for batch in tqdm(loader, desc=setting.name, disable=not progress):
             images = batch["image"]
@@ -125,10 +125,6 @@ def evaluate(
             record.scores, record.flagged, record.mask_iou = (all_gather_objects(v) for v in (record.scores, record.flagged, record.mask_iou))
         results[setting.name] = metrics
     return results, examples
-
-
-def _metric(task: Any):
-    return task.metric() if task.name == "segmentation" else task.metric()
 
 
 def _update(task, accumulator, output, batch, masks) -> None:
