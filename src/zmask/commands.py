@@ -204,67 +204,11 @@ def _named_patches(entries: list[str], flag: str) -> list[tuple[str, torch.Tenso
     return pairs
 
 
-def build_baselines(preset, model, zmask, train, patches, names, seed: int, progress: bool, batch_size: int = 8):
-    """The requested defenses, with MaskNet / HN / FPDA fitted on the training images."""
-    from .core.calibration import calibrate_threshold
-    from .evaluation import (CoverageScore, HyperNeuronScore, LGSDefense, MaskNet, MaskNetDefense, NoDefense, ScoreDefense,
-                             ZMaskDefense, patched_batches, train_masknet)
-
-    masking, detectors, observers = [], [], []
-    clean_batches = [torch.stack([train[i]["image"] for i in range(s, min(s + batch_size, len(train)))]) for s in range(0, len(train), batch_size)]
-    labelled = patched_batches(train, patches, batch_size, zmask_eot(), seed + 7) if patches else []
-    for name in names:
-        if name == "zmask":
-            masking.append(ZMaskDefense(zmask))
-            detectors.append(masking[-1])
-        elif name == "none":
-            continue  # built last, so that HN / FPDA can observe its forward pass
-        elif name == "lgs":
-            masking.append(LGSDefense(model))
-        elif name == "masknet":
-            if not labelled:
-                raise CommandError("MaskNet needs patches to train on")
-            net = MaskNet()
-            train_masknet(net, labelled, epochs=6, seed=seed, progress=progress)
-            masking.append(MaskNetDefense(model, net))
-        elif name in ("hn", "fpda"):
-            layer = deepest_layer(model, zmask.config.deep_layers, clean_batches[0][:1])
-            scorer = (HyperNeuronScore if name == "hn" else CoverageScore)(model, layer).fit(clean_batches, progress)
-            threshold = None
-            if labelled:  # ROC-calibrated on the training images, like Z-Mask's lambda0
-                scores = torch.cat([scorer.score(images) for images, _ in labelled])
-                patched = torch.cat([masks.flatten(1).amax(1) > 0 for _, masks in labelled])
-                if patched.any() and (~patched).any():
-                    threshold = calibrate_threshold(scores[~patched], scores[patched]).threshold
-            observers.append(ScoreDefense(name, model, scorer, threshold))
-        else:
-            raise CommandError(f"unknown defense {name!r}; choose from zmask, masknet, lgs, none, hn, fpda")
-    if "none" in names or observers:
-        masking.append(NoDefense(model, observers))
-    return masking, detectors + observers
-
-
-def deepest_layer(model, layers, probe: torch.Tensor) -> str:
-    """The layer of ``layers`` with the coarsest output (smallest H x W, then most channels)."""
-    from .core.capture import ActivationCapture
-
-    with torch.no_grad(), ActivationCapture(model, layers) as capture:
-        model(probe)
-    shapes = {name: capture.activations[name].shape for name in layers}
-    return min(layers, key=lambda name: (shapes[name][-2] * shapes[name][-1], -shapes[name][1]))
-
-
-def zmask_eot():
-    from .attacks import EOTConfig
-
-    return EOTConfig(scale=(0.8, 1.2), noise_std=0.0, contrast=0.0, quantize=True)
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from .attacks import patch_size, random_noise_patch
     from .data.cache import CachedDataset
     from .defense import ZMask
-    from .evaluation import ExperimentSpec, run_experiments
+    from .evaluation import ExperimentSpec, build_defenses, run_experiments
     from .models import get_preset
     from .recipes import annotation_file, default_dataset, task_for
 
@@ -284,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dataset = CachedDataset(default_dataset(preset, args.split, args.limit, args.data))
     train = CachedDataset(default_dataset(preset, "train", args.train_images, args.data))
     adversarial = [p for name, p in patches.items() if not name.startswith("random")] + list(beta.values())
-    masking, detectors = build_baselines(preset, model, zmask, train, adversarial, args.defenses, args.seed, not args.no_progress)
+    masking, detectors = build_defenses(model, zmask, train, adversarial, args.defenses, args.seed, not args.no_progress)
     task = task_for(preset, model, annotation_file(preset, args.split, args.data))
     spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size)
     out = Path(args.out)

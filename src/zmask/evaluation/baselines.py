@@ -119,10 +119,16 @@ class CoverageScore(_LayerScore):
 
 
 class MaskNet(nn.Module):
-    """A small U-Net predicting the patch mask (logits at input resolution), after Chiang et al. 2021."""
+    """A small U-Net predicting the patch mask (logits at input resolution), after Chiang et al. 2021.
+    Its initial weights depend only on ``seed``."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, seed: int = 0) -> None:
         super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._build(width)
+
+    def _build(self, width: int) -> None:
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -147,7 +153,6 @@ def train_masknet(
     """Fit MaskNet with pixel-wise BCE on (images, patch_masks) batches (the fusion block's data)."""
     from ..validation import batch_images_and_masks
 
-    torch.manual_seed(seed)
     optimizer = torch.optim.Adam(masknet.parameters(), lr=learning_rate)
     history = []
     masknet.train()

@@ -3,6 +3,7 @@ sweep (Fig. 7), defense-aware alpha sweep (Fig. 9), with reports written to a fo
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from collections.abc import Sequence
@@ -45,6 +46,31 @@ def _auc(clean: list[float], patched: list[float]) -> float | None:
     return float(roc_auc_score([0] * len(clean) + [1] * len(patched), clean + patched))
 
 
+class _SettingCache:
+    """Evaluates each distinct patch once: a patch that appears in several experiments (the L patch is
+    also beta = 1 and alpha = 1) reuses its metrics, since placements depend only on seed and image."""
+
+    def __init__(self, task: Any, dataset: Dataset, spec: ExperimentSpec, progress: bool) -> None:
+        self.task, self.dataset, self.spec, self.progress = task, dataset, spec, progress
+        self.done: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _key(setting: PatchSetting) -> str:
+        if setting.patch is None:
+            return "no patch"
+        return hashlib.sha256(setting.patch.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(setting.patch.shape))
+
+    def run(self, settings: Sequence[PatchSetting], defenses: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        names = [d.name for d in defenses] + [o.name for d in defenses for o in getattr(d, "observers", [])]
+        todo = [s for s in settings if not set(names) <= set(self.done.get(self._key(s), {}))]
+        unique = list({self._key(s): s for s in todo}.values())
+        if unique:
+            table, _ = evaluate(self.task, self.dataset, unique, defenses, self.spec.seed, self.spec.batch_size, self.progress)
+            for setting in unique:
+                self.done.setdefault(self._key(setting), {}).update(table[setting.name])
+        return {s.name: {n: self.done[self._key(s)][n] for n in names} for s in settings}
+
+
 def run_experiments(
     task: Any, dataset: Dataset, zmask: ZMask, spec: ExperimentSpec, masking_defenses: Sequence[Any], detectors: Sequence[Any],
     output: str | Path, configuration: dict[str, Any] | None = None, progress: bool = True,
@@ -58,7 +84,8 @@ def run_experiments(
     # Table 1: task metric under each patch setting, for each masking defense.
     settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
     all_defenses = list({d.name: d for d in list(masking_defenses) + [d for d in detectors if not isinstance(d, ScoreDefense)]}.values())
-    table, _ = evaluate(task, dataset, settings, all_defenses, spec.seed, spec.batch_size, progress)
+    cache = _SettingCache(task, dataset, spec, progress)
+    table = cache.run(settings, all_defenses)
     results["masking"] = {s: {d: m.summary() for d, m in row.items()} for s, row in table.items()}
     # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
     clean_scores = {d: m.scores for d, m in table["no patch"].items() if m.scores}
@@ -79,7 +106,7 @@ def run_experiments(
     # Fig. 7: detection AUC and task metric against beta.
     if spec.beta_patches:
         betas = sorted(spec.beta_patches)
-        sweep, _ = evaluate(task, dataset, [PatchSetting(f"beta={b}", spec.beta_patches[b]) for b in betas], all_defenses, spec.seed, spec.batch_size, progress)
+        sweep = cache.run([PatchSetting(f"beta={b}", spec.beta_patches[b]) for b in betas], all_defenses)
         results["beta_sweep"] = {
             str(b): {d: {**m.summary(), "auc": _auc(clean_scores.get(d, []), m.scores)} for d, m in sweep[f"beta={b}"].items()} for b in betas
         }
@@ -91,12 +118,12 @@ def run_experiments(
     if spec.alpha_patches:
         alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
         zmask_only = [d for d in all_defenses if d.name in ("zmask", "none", "masknet")]
-        sweep, _ = evaluate(task, dataset, alpha_settings, zmask_only, spec.seed, spec.batch_size, progress)
+        sweep = cache.run(alpha_settings, zmask_only)
         results["alpha_sweep"] = {s: {d: m.summary() for d, m in row.items()} for s, row in sweep.items()}
         for attack in sorted({a for a, _ in spec.alpha_patches}):
             alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
             rows = [results["alpha_sweep"][f"{attack} alpha={alpha}"] for alpha in alphas]
-            series = {f"{d} {key}": [row[d][key] for row in rows] for d in rows[0]}
+            series = {f"{d} {key}": [row[d][key] for row in rows] for d in rows[0] if key in rows[0][d]}
             series["zmask TPR"] = [row["zmask"].get("flag_rate", float("nan")) for row in rows]
             sweep_figure(output / f"alpha_{attack}.png", alphas, series, "alpha", f"{key} / TPR", f"{attack}-attack vs alpha")
     # Fig. 6: clean / attacked / attacked + defended examples.
@@ -147,7 +174,7 @@ def summary_markdown(results: dict[str, Any], defenses: list[str], meta: dict[st
                                  lambda r, c: f"{fmt(sweep[r].get(c, {}).get('auc'))} / {fmt(sweep[r].get(c, {}).get(key))}"), ""]
     if "alpha_sweep" in results:
         sweep = results["alpha_sweep"]
-        columns = sorted({d for row in sweep.values() for d in row})
+        columns = sorted({d for row in sweep.values() for d, m in row.items() if key in m})
         lines += ["## Defense-aware attacks (alpha sweep; " + key + " / Z-Mask TPR)", "",
                   markdown_table(list(sweep), columns, lambda r, c: f"{fmt(sweep[r].get(c, {}).get(key))} / {fmt(sweep[r].get(c, {}).get('flag_rate'))}"), ""]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""Baselines and the experiment runner on the toy network: behaviour, reuse and reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zmask import FusionTraining, ZMask
+from zmask.errors import ZMaskError
+from zmask.evaluation import (CoverageScore, ExperimentSpec, HyperNeuronScore, LGSDefense, MaskNet, NoDefense, ScoreDefense, ZMaskDefense,
+                              build_defenses, local_gradient_smoothing, run_experiments, train_masknet)
+from zmask.evaluation import experiments as experiments_module
+from zmask.tasks.segmentation import SegmentationTask
+
+from .toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch
+
+
+class ToySegmenter(ToyNet):
+    """The toy network with a 3-class head upsampled to the input: a segmenter with the toy's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(32, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.head(super().forward(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def toy_setup():
+    torch.manual_seed(0)
+    model = ToySegmenter().eval()
+    defense = ZMask(model, TOY_CONFIG, seed=0)
+    defense.fit_statistics(clean_batches(6))
+    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
+    defense.fit_fusion([patched_batch(4, seed=s) for s in range(6)] + clean, FusionTraining(epochs=20, batch_size=8, learning_rate=0.05))
+    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
+    images = torch.cat(clean_batches(2, 4, seed=77))
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # the clean prediction is the ground truth: undefended clean mIoU is 1
+    dataset = [{"image": image, "label": label} for image, label in zip(images, labels)]
+    generator = torch.Generator().manual_seed(5)
+    patches = [(torch.rand(3, 32, 32, generator=generator) > 0.5).float() for _ in range(2)]
+    return model, defense, dataset, patches
+
+
+def test_lgs_masks_high_gradient_regions_only():
+    smooth = torch.full((1, 3, 96, 128), 0.5)
+    out, mask = local_gradient_smoothing(smooth)
+    assert mask.abs().sum() == 0 and torch.equal(out, smooth)
+    images, true = patched_batch(1, seed=3)
+    images = images * 0 + 0.5
+    images[true.expand_as(images) > 0] = patched_batch(1, seed=3)[0][true.expand_as(images) > 0]
+    out, mask = local_gradient_smoothing(images)
+    predicted = mask > 0
+    inside = (predicted & (true > 0)).sum() / (true > 0).sum()
+    outside = (predicted & (true == 0)).sum() / (true == 0).sum()
+    assert inside > 0.5 and outside < 0.05
+    assert (out - 0.5).abs()[true.expand_as(out) > 0].mean() < (images - 0.5).abs()[true.expand_as(images) > 0].mean()
+
+
+def test_activation_scores_rank_patched_above_clean():
+    torch.manual_seed(0)
+    model = ToyNet().eval()
+    fit_data = clean_batches(6)
+    hn = HyperNeuronScore(model, "c3").fit(fit_data)
+    coverage = CoverageScore(model, "c3").fit(fit_data)
+    assert torch.all(coverage.score(torch.cat(fit_data)) == 0)  # nothing exceeds the maxima it was fitted on
+    clean = torch.cat(clean_batches(2, 4, seed=40))
+    patched, _ = patched_batch(8, seed=41)
+    for scorer in (hn, coverage):
+        assert scorer.score(patched).mean() > scorer.score(clean).mean()
+
+
+def test_masknet_learns_the_patch_mask():
+    data = [patched_batch(4, seed=s) for s in range(4)]
+    history = train_masknet(MaskNet(width=8), data, epochs=6, learning_rate=3e-3, seed=0)
+    assert history[-1] < 0.7 * history[0]
+    again = train_masknet(MaskNet(width=8), data, epochs=6, learning_rate=3e-3, seed=0)
+    assert again == history
+
+
+def test_build_defenses_rejects_unknown_names(toy_setup):
+    model, defense, dataset, patches = toy_setup
+    with pytest.raises(ZMaskError, match="unknown defense 'fancy'"):
+        build_defenses(model, defense, dataset, patches, ["zmask", "fancy"])
+    with pytest.raises(ZMaskError, match="MaskNet needs"):
+        build_defenses(model, defense, dataset, [], ["masknet"])
+    masking, detectors = build_defenses(model, defense, dataset, patches, ["zmask", "hn", "fpda"], progress=False, batch_size=4)
+    assert [d.name for d in masking] == ["zmask", "none"]  # HN and FPDA observe the undefended pass
+    assert [d.name for d in detectors] == ["zmask", "hn", "fpda"]
+
+
+def _run(toy_setup, output, monkeypatch=None):
+    model, defense, dataset, patches = toy_setup
+    calls = []
+    if monkeypatch is not None:
+        original = experiments_module.evaluate
+
+        def counting(task, data, settings, *args, **kwargs):
+            calls.append([s.name for s in settings])
+            return original(task, data, settings, *args, **kwargs)
+
+        monkeypatch.setattr(experiments_module, "evaluate", counting)
+    hn = HyperNeuronScore(model, "c3").fit(clean_batches(4))
+    masking = [ZMaskDefense(defense), LGSDefense(model), NoDefense(model, [ScoreDefense("hn", model, hn, threshold=0.5)])]
+    detectors = [masking[0], masking[2].observers[0]]
+    spec = ExperimentSpec("toy", {"L": patches[0]}, {0.5: patches[1], 1.0: patches[0]}, {("mask", 1.0): patches[0], ("mask", 0.0): patches[1]},
+                          seed=3, batch_size=4, examples=1)
+    results = run_experiments(SegmentationTask(model, 3, 255), dataset, defense, spec, masking, detectors, output, progress=False)
+    return results, calls
+
+
+def test_experiments_report_reuse_and_reproducibility(toy_setup, tmp_path, monkeypatch):
+    results, calls = _run(toy_setup, tmp_path / "a", monkeypatch)
+    assert sum(len(c) for c in calls) == 3  # no patch, patch 0, patch 1: each evaluated once
+    assert results["masking"]["no patch"]["none"]["miou"] == pytest.approx(1.0)
+    assert results["beta_sweep"]["1.0"]["zmask"]["miou"] == results["masking"]["L"]["zmask"]["miou"]
+    assert results["alpha_sweep"]["mask alpha=1.0"]["zmask"] == results["masking"]["L"]["zmask"]
+    assert set(results["detection"]["L"]) == {"zmask", "hn"}
+    for name in ("results.json", "summary.md", "roc.png", "beta_auc.png", "beta_metric.png", "alpha_mask.png", "examples.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "## Masking" in summary and "## Defense-aware attacks" in summary
+    again, _ = _run(toy_setup, tmp_path / "b")
+    first, second = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("a", "b"))
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second
