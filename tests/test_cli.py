@@ -149,9 +149,11 @@ def test_debug_shows_traceback(tmp_path):
 
 def test_config_file(capsys, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("model: espnet_camvid\nnoise: true\nsize: M\nseed: 5\n")
     out = tmp_path / "n.png"
-    code, _, _ = run(capsys, "attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out))
+    config.write_text(f"model: espnet_camvid\nnoise: true\nsize: M\nseed: 5\nout: {out}\n")
+    code, _, _ = run(capsys, "attack", "--config", str(config))  # required options may come from the file
     assert code == 0 and json.loads(out.with_suffix(".json").read_text())["seed"] == 5
+    config.write_text("noise: true\n")
+    _one_line_error(capsys, ["attack", "--config", str(config)], "--model, --out must be given")
     config.write_text("modle: x\n")
     _one_line_error(capsys, ["attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out)], "unknown options")

@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _add_common(sub)
+        sub.set_defaults(required_options=[])
         return sub
+
+    def required(sub: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+        """An option that must be given on the command line or in the --config file."""
+        action = sub.add_argument(flag, **kwargs)
+        action.help = f"{action.help} (required)" if action.help else "(required)"
+        sub.get_default("required_options").append(action.dest)
 
     demo = command("demo", "the whole pipeline on the real assets (ESPNet-CamVid): fit, attack, detect, mask, figure and summary")
     demo.add_argument("--out", default="zmask-demo", help="output folder (default ./zmask-demo)")
@@ -62,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
 
     fit = command("fit", "fit Z-Mask (statistics, fusion block, threshold) on a model preset and training data -> profile")
-    fit.add_argument("--model", required=True, help="model preset (see `zmask models`)")
-    fit.add_argument("--patches", nargs="+", required=True, help="patch PNGs used to train the fusion block")
-    fit.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    required(fit, "--model", help="model preset (see `zmask models`)")
+    required(fit, "--patches", nargs="+", help="patch PNGs used to train the fusion block")
+    required(fit, "--out", help="profile file to write (.safetensors)")
     fit.add_argument("--data", help="dataset folder (default: the preset's dataset from the assets)")
     fit.add_argument("--split", default="train")
     fit.add_argument("--shallow", nargs="+", help="shallow layers S (default: the preset's)")
@@ -76,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     defend = command("defend", "run a fitted defense on images: masked images, masks, heatmaps, one JSON line per image")
     defend.add_argument("inputs", nargs="+", help="image files or folders")
-    defend.add_argument("--model", required=True, help="model preset the profile was fitted for")
-    defend.add_argument("--profile", required=True, help="profile file from `zmask fit`")
-    defend.add_argument("--out", required=True, help="output folder")
+    required(defend, "--model", help="model preset the profile was fitted for")
+    required(defend, "--profile", help="profile file from `zmask fit`")
+    required(defend, "--out", help="output folder")
 
     attack = command("attack", "craft an adversarial patch (plain, activation-aware beta, or defense-aware alpha) -> PNG + JSON")
-    attack.add_argument("--model", required=True, help="model preset")
+    required(attack, "--model", help="model preset")
     attack.add_argument("--size", default="L", choices=["S", "M", "L"], help="the paper's patch size, scaled to the input")
     attack.add_argument("--beta", type=float, default=1.0, help="Eq. 5 weight of the adversarial loss (1 = plain attack)")
     attack.add_argument("--alpha", type=float, default=1.0, help="Eq. 6 weight of the adversarial loss")
@@ -96,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--limit", type=int, help="use only the first N images")
     attack.add_argument("--data", help="dataset folder (default: the preset's dataset from the assets)")
     attack.add_argument("--resume", help="start from this patch PNG")
-    attack.add_argument("--out", required=True, help="patch PNG to write (a JSON sidecar is written beside it)")
+    required(attack, "--out", help="patch PNG to write (a JSON sidecar is written beside it)")
     attack.add_argument("--noise", action="store_true", help="write a random-noise patch of the same size instead (the control)")
 
     evaluate = command("evaluate", "the paper's experiments on a fitted model -> report folder (JSON, Markdown, figures)")
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--profile", required=True)
-    evaluate.add_argument("--out", required=True)
+    required(evaluate, "--model")
+    required(evaluate, "--profile")
+    required(evaluate, "--out")
     evaluate.add_argument("--patch", action="append", default=[], metavar="NAME=PNG", help="a patch setting of the masking table (repeatable)")
     evaluate.add_argument("--beta-patch", action="append", default=[], metavar="BETA=PNG", help="a patch of the beta sweep (repeatable)")
     evaluate.add_argument("--alpha-patch", action="append", default=[], metavar="ATTACK:ALPHA=PNG", help="a defense-aware patch (repeatable)")
@@ -148,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args = _apply_config_file(parser, args, argv)
+        missing = [name for name in args.__dict__.pop("required_options") if getattr(args, name) in (None, [])]
+        if missing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+            raise CommandError(f"{flags} must be given, on the command line or in the --config file")
         if args.threads:
             torch.set_num_threads(args.threads)
         from . import commands
