@@ -130,3 +130,19 @@ def test_experiments_report_reuse_and_reproducibility(toy_setup, tmp_path, monke
     first, second = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("a", "b"))
     first.pop("seconds"), second.pop("seconds")
     assert first == second
+
+
+def test_patched_batches_placements_stretch_a_small_split(toy_setup):
+    from zmask.evaluation import FitPlan, patched_batches
+
+    _, _, dataset, patches = toy_setup
+    once = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2)
+    three = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=3)
+    assert sum(len(images) for images, _ in three) == 3 * len(dataset)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(once, three))  # the first pass is the plain draw
+    patched_masks = torch.cat([masks for _, masks in three]).flatten(1).amax(1)
+    assert 0 < patched_masks.sum() < len(patched_masks)  # both clean and patched samples
+    again = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(three, again))
+    with pytest.raises(ValueError, match="placements"):
+        patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=0)

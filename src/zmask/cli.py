@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--statistics-images", type=int, default=120)
     fit.add_argument("--fusion-images", type=int, default=120)
     fit.add_argument("--calibration-images", type=int, default=80)
+    fit.add_argument("--placements", type=int, default=1,
+                     help="draws per fusion / calibration image (clean or patched at a fresh place); > 1 stretches a small split")
     fit.add_argument("--epochs", type=int, default=40)
 
     defend = command("defend", "run a fitted defense on images: masked images, masks, heatmaps, one JSON line per image")

@@ -21,12 +21,15 @@ from ..defense import ZMask
 
 @dataclass(frozen=True)
 class FitPlan:
-    """How the training split is divided: statistics images, fusion images, calibration images."""
+    """How the training split is divided: statistics images, fusion images, calibration images.
+    ``placements``: how many times each fusion / calibration image is drawn (clean or with a patch
+    at a fresh random place); above 1 it stretches a small training split."""
 
     statistics_images: int = 120
     fusion_images: int = 120
     calibration_images: int = 80
     batch_size: int = 8
+    placements: int = 1
     fusion: FusionTraining = FusionTraining(epochs=40, batch_size=15, learning_rate=0.01)
     eot: EOTConfig = EOTConfig(scale=(0.8, 1.2), noise_std=0.0, contrast=0.0, quantize=True)
     seed: int = 0
@@ -40,14 +43,19 @@ def _split(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
     return Subset(dataset, order[:first]), Subset(dataset, order[first:second]), Subset(dataset, order[second:third])
 
 
-def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_size: int, eot: EOTConfig, seed: int, clean_share: float = 0.5):
+def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_size: int, eot: EOTConfig, seed: int, clean_share: float = 0.5,
+                    placements: int = 1):
     """(images, masks) batches: each image gets a random patch of ``patches`` at a random place, or
-    stays clean (empty mask) with probability ``clean_share``. Deterministic for a seed."""
+    stays clean (empty mask) with probability ``clean_share``; the dataset is gone through
+    ``placements`` times with fresh draws. Deterministic for a seed."""
+    if placements < 1:
+        raise ValueError(f"placements={placements} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    for start in range(0, len(dataset), batch_size):
+    order = [index for _ in range(placements) for index in range(len(dataset))]
+    for start in range(0, len(order), batch_size):
         images, masks = [], []
-        for index in range(start, min(start + batch_size, len(dataset))):
+        for index in order[start : start + batch_size]:
             image = dataset[index]["image"]
             if float(torch.rand((), generator=generator)) < clean_share:
                 images.append(image)
@@ -69,14 +77,14 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     loader = [torch.stack([statistics_set[i]["image"] for i in range(s, min(s + plan.batch_size, len(statistics_set)))])
               for s in range(0, len(statistics_set), plan.batch_size)]
     defense.fit_statistics(loader, progress=progress)
-    fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1)
+    fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements)
     history = defense.fit_fusion(fusion_data, plan.fusion, progress=progress)
-    calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2)
+    calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2, placements=plan.placements)
     calibration = defense.calibrate(calibration_data, progress=progress)
     report = {
         "statistics_images": len(statistics_set), "fusion_images": len(fusion_set), "calibration_images": len(calibration_set),
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
-        "calibration": calibration.__dict__, "patches": len(patches),
+        "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
     }
     return defense, report
 
