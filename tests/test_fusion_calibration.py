@@ -97,3 +97,15 @@ def test_authors_checkpoint_rejects_other_files(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read fusion checkpoint"):
         FusionBlock.from_authors_checkpoint(path)
+
+
+def test_min_steps_extends_training_on_small_sets():
+    shallow, deep, targets = synthetic_heatmaps(count=6)
+    few = train_fusion(FusionBlock(torch.Generator().manual_seed(0)), shallow, deep, targets, FusionTraining(epochs=5, batch_size=4))
+    assert len(few) == 5
+    block = FusionBlock(torch.Generator().manual_seed(0))
+    more = train_fusion(block, shallow, deep, targets, FusionTraining(epochs=5, batch_size=4, min_steps=100))
+    assert len(more) == 50  # 2 batches per epoch
+    assert more[-1] < few[-1]
+    with pytest.raises(ValueError, match="invalid training settings"):
+        train_fusion(block, shallow, deep, targets, FusionTraining(min_steps=-1))

@@ -105,7 +105,7 @@ def run_fit(args: argparse.Namespace) -> int:
     dataset = CachedDataset(default_dataset(preset, args.split, None, args.data))
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
-                   placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed),
+                   placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
                    seed=args.seed)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +95,15 @@ def detection_score(shallow: torch.Tensor, deep: torch.Tensor, soft_mask: torch.
 
 @dataclass(frozen=True)
 class FusionTraining:
-    """Settings of :func:`train_fusion` (defaults: the authors' Adam lr 0.01, batch 15)."""
+    """Settings of :func:`train_fusion` (defaults: the authors' Adam lr 0.01, batch 15).
+    ``min_steps``: train for more epochs when ``epochs`` would give fewer optimiser steps than
+    this; a small training set otherwise leaves the block near its random start."""
 
     epochs: int = 15
     batch_size: int = 15
     learning_rate: float = 0.01
     seed: int = 0
+    min_steps: int = 0
 
 
 def train_fusion(
@@ -121,7 +126,7 @@ def train_fusion(
             f"heatmaps and targets must be N x 1 x H x W of one shape with N > 0, got "
             f"{tuple(shallow.shape)}, {tuple(deep.shape)}, {tuple(targets.shape)}"
         )
-    if settings.epochs < 1 or settings.batch_size < 1 or settings.learning_rate <= 0:
+    if settings.epochs < 1 or settings.batch_size < 1 or settings.learning_rate <= 0 or settings.min_steps < 0:
         raise ValueError(f"invalid training settings {settings}")
     targets = targets.float()
     if ((targets != 0) & (targets != 1)).any():
@@ -130,7 +135,9 @@ def train_fusion(
     optimizer = torch.optim.Adam(block.parameters(), lr=settings.learning_rate)
     history = []
     block.train()
-    for _ in tqdm(range(settings.epochs), desc="fusion", disable=not progress):
+    batches_per_epoch = math.ceil(shallow.shape[0] / settings.batch_size)
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / batches_per_epoch))
+    for _ in tqdm(range(epochs), desc="fusion", disable=not progress):
         order = torch.randperm(shallow.shape[0], generator=generator)
         total = 0.0
         for start in range(0, len(order), settings.batch_size):

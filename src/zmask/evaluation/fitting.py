@@ -30,7 +30,7 @@ class FitPlan:
     calibration_images: int = 80
     batch_size: int = 8
     placements: int = 1
-    fusion: FusionTraining = FusionTraining(epochs=40, batch_size=15, learning_rate=0.01)
+    fusion: FusionTraining = FusionTraining(epochs=40, batch_size=15, learning_rate=0.01, min_steps=300)
     eot: EOTConfig = EOTConfig(scale=(0.8, 1.2), noise_std=0.0, contrast=0.0, quantize=True)
     seed: int = 0
 
