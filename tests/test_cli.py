@@ -157,3 +157,25 @@ def test_config_file(capsys, tmp_path):
     _one_line_error(capsys, ["attack", "--config", str(config)], "--model, --out must be given")
     config.write_text("modle: x\n")
     _one_line_error(capsys, ["attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out)], "unknown options")
+
+
+def test_committed_experiment_configs_are_complete():
+    """Every file an experiment config names is committed, and every option is a real option."""
+    import pathlib
+
+    import yaml
+
+    from zmask.cli import build_parser
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    configs = sorted((root / "experiments").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        values = yaml.safe_load(config.read_text())
+        command = "fit" if "patches" in values else "evaluate"
+        known = vars(build_parser().parse_args([command]))
+        assert set(values) <= set(known), config.name
+        paths = list(values.get("patches", [])) + [e.split("=", 1)[1] for k in ("patch", "beta_patch", "alpha_patch") for e in values.get(k, [])]
+        paths += [values["profile"]] if "profile" in values else []
+        missing = [p for p in paths if not (root / p).is_file()]
+        assert not missing, f"{config.name}: {missing}"
