@@ -60,7 +60,7 @@ def test_fast_refinement_matches_direct_oracle(reference, toy, authors_fusion):
     defense.fit_statistics([reference["clean_images"]])
     with torch.no_grad():
         maps = defense.heatmaps(reference["input"], per_layer=True)
-        _, activations = defense._activations(reference["input"])
+        _, activations = defense.capture(reference["input"])
     for layer, sets in maps.per_layer.items():
         for name, heatmap in sets.items():
             kernels = TOY_CONFIG.shallow_kernels if name == "S" else TOY_CONFIG.deep_kernels

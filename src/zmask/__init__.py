@@ -9,27 +9,33 @@ the threshold, then use the defended model like the original::
     defense.fit_fusion(patched_loader)      # (images, patch_masks) batches
     defense.calibrate(calibration_loader)   # lambda0 by ROC
     result = defense(images)                # .output, .detection.flagged, .detection.keep_mask
+
+The library never imports the command line (``zmask.cli``), and importing it loads neither
+scikit-learn nor matplotlib nor pycocotools.
 """
 
-__version__ = "0.1.0"
-
-from .config import ZMaskConfig, scale_kernels  # noqa: E402
-from .core.calibration import Calibration, calibrate_threshold  # noqa: E402
-from .core.capture import ActivationCapture, capture_activations  # noqa: E402
-from .core.fusion import FusionBlock, FusionTraining, detection_score  # noqa: E402
-from .core.statistics import LayerStatistics, StatisticsAccumulator  # noqa: E402
-from .defense import DefenseOutput, Detection, Heatmaps, ZMask  # noqa: E402
-from .errors import AssetError, NotFittedError, ProfileError, ZMaskError  # noqa: E402
+from ._version import __version__
+from .config import ZMaskConfig, scale_kernels
+from .core.analysis import Analysis, Heatmaps
+from .core.calibration import Calibration, calibrate_threshold
+from .core.capture import ActivationCapture, capture_activations
+from .core.fusion import FusionBlock, FusionTraining, detection_score
+from .core.statistics import LayerStatistics, StatisticsAccumulator
+from .defense import DefenseOutput, Detection, ZMask
+from .errors import AssetError, ConfigError, InputError, NotFittedError, ProfileError, ZMaskError, ZMaskTypeError
 
 __all__ = [
     "ActivationCapture",
+    "Analysis",
     "AssetError",
     "Calibration",
+    "ConfigError",
     "DefenseOutput",
     "Detection",
     "FusionBlock",
     "FusionTraining",
     "Heatmaps",
+    "InputError",
     "LayerStatistics",
     "NotFittedError",
     "ProfileError",
@@ -37,6 +43,7 @@ __all__ = [
     "ZMask",
     "ZMaskConfig",
     "ZMaskError",
+    "ZMaskTypeError",
     "calibrate_threshold",
     "capture_activations",
     "detection_score",

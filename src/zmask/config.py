@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
+from .errors import ConfigError, ZMaskTypeError
 
 Kernel = tuple[int, int]
 
@@ -84,7 +85,7 @@ class ZMaskConfig:
         for name in ("shallow_layers", "deep_layers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"{name} must be a sequence of module names (strings), got {value!r}")
+                raise ZMaskTypeError(f"{name} must be a sequence of module names (strings), got {value!r}")
             object.__setattr__(self, name, tuple(value))
         for name in ("shallow_kernels", "deep_kernels"):
             object.__setattr__(self, name, tuple(_as_pair(k, name) for k in getattr(self, name)))
@@ -96,36 +97,36 @@ class ZMaskConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
         if not self.shallow_layers:
-            raise ValueError("shallow_layers (the set S) is empty: name at least one layer")
+            raise ConfigError("shallow_layers (the set S) is empty: name at least one layer")
         if not self.deep_layers:
-            raise ValueError("deep_layers (the set D) is empty: name at least one layer")
+            raise ConfigError("deep_layers (the set D) is empty: name at least one layer")
         for name in ("shallow_kernels", "deep_kernels"):
             if not getattr(self, name):
-                raise ValueError(f"{name} is empty: give at least one (height, width) kernel")
+                raise ConfigError(f"{name} is empty: give at least one (height, width) kernel")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
         height, width = self.heatmap_size
         for kh, kw in self.shallow_kernels + self.deep_kernels:
             if kh > height or kw > width:
-                raise ValueError(
+                raise ConfigError(
                     f"kernel ({kh}, {kw}) is larger than the heatmap size {self.heatmap_size}: "
                     "enlarge heatmap_size or scale the kernels (zmask.config.scale_kernels)"
                 )
         if self.planes < 1 or (height * width) % self.planes:
-            raise ValueError(f"planes={self.planes} must be >= 1 and divide H_R*W_R={height * width}")
+            raise ConfigError(f"planes={self.planes} must be >= 1 and divide H_R*W_R={height * width}")
         if not (self.eps >= 0 and self.std_floor >= 0 and math.isfinite(self.eps + self.std_floor)):
-            raise ValueError("eps and std_floor must be finite and non-negative")
+            raise ConfigError("eps and std_floor must be finite and non-negative")
         if self.eps + self.std_floor <= 0:
-            raise ValueError("eps + std_floor must be positive, or a constant channel divides by zero")
+            raise ConfigError("eps + std_floor must be positive, or a constant channel divides by zero")
         if self.mask_dilation < 0:
-            raise ValueError(f"mask_dilation={self.mask_dilation} must be >= 0")
+            raise ConfigError(f"mask_dilation={self.mask_dilation} must be >= 0")
         if not 0.0 < self.mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1)")
+            raise ConfigError(f"mask_threshold={self.mask_threshold} must lie in (0, 1)")
         if isinstance(self.fill_value, tuple) and len(self.fill_value) != self.in_channels:
-            raise ValueError(f"fill_value has {len(self.fill_value)} values for {self.in_channels} input channels")
+            raise ConfigError(f"fill_value has {len(self.fill_value)} values for {self.in_channels} input channels")
         if self.chunk_elements < 1:
-            raise ValueError("chunk_elements must be >= 1")
+            raise ConfigError("chunk_elements must be >= 1")
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -142,7 +143,7 @@ class ZMaskConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> ZMaskConfig:
@@ -183,7 +184,7 @@ def _as_pair(value: Any, name: str) -> tuple[int, int]:
         first, second = value
         pair = (int(first), int(second))
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a (height, width) pair of integers, got {value!r}") from None
+        raise ZMaskTypeError(f"{name}: expected a (height, width) pair of integers, got {value!r}") from None
     if pair != (first, second) or min(pair) < 1:
-        raise ValueError(f"{name}: expected positive integers, got {value!r}")
+        raise ConfigError(f"{name}: expected positive integers, got {value!r}")
     return pair

@@ -3,54 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ZMaskConfig
+from .core.analysis import Analysis, Heatmaps, analyze, compute_heatmaps
 from .core.calibration import Calibration, calibrate_threshold
-from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules
-from .core.fusion import FusionBlock, FusionTraining, detection_score, train_fusion
+from .core.capture import RepeatPolicy, resolve_modules, run_and_capture
+from .core.fusion import FusionBlock, FusionTraining, train_fusion
+from .core.masking import apply_mask
+from .core.profile import Profile, check_model_fits, load_profile, save_profile
 from .core.refinement import LayerRefiner
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
-from .errors import NotFittedError
+from .errors import ConfigError, InputError, NotFittedError, ProfileError, ZMaskTypeError
 from .validation import batch_images, batch_images_and_masks, check_images, check_masks
 
-
-@dataclass
-class Heatmaps:
-    """H_S and H_D (B x 1 x H_R x W_R), and on request each layer's own heatmap per set."""
-
-    shallow: torch.Tensor
-    deep: torch.Tensor
-    per_layer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-@dataclass
-class Detection:
-    """What Z-Mask concludes about a batch.
-
-    soft_mask: M~ (B x 1 x H_R x W_R); score: d (B); flagged: d > lambda0 (B, bool);
-    keep_mask: Eq. 4 keep-mask at input resolution (B x 1 x H x W; 1 = keep, all ones if not flagged).
-    """
-
-    soft_mask: torch.Tensor
-    score: torch.Tensor
-    flagged: torch.Tensor
-    keep_mask: torch.Tensor
+Detection = Analysis  # the name of earlier releases
 
 
 @dataclass
 class DefenseOutput:
-    """The defended task output together with the detection that produced it."""
+    """The defended task output together with the analysis that produced it (``detection``)."""
 
     output: Any
-    detection: Detection
+    detection: Analysis
     heatmaps: Heatmaps | None = None
 
 
@@ -78,9 +59,9 @@ class ZMask(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ZMaskTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(config, ZMaskConfig):
-            raise TypeError(f"config must be a ZMaskConfig, got {type(config).__name__}")
+            raise ZMaskTypeError(f"config must be a ZMaskConfig, got {type(config).__name__}")
         resolve_modules(model, config.layers)  # fail now on unknown layer names
         self.model = model
         self.config = config
@@ -114,7 +95,7 @@ class ZMask(nn.Module):
                         images = images[: max(0, max_images - accumulator.images)]
                         if images.shape[0] == 0:
                             break
-                    accumulator.update(self._activations(images)[1])
+                    accumulator.update(self.capture(images)[1])
                     self.fit_input_size = tuple(images.shape[-2:])
         finally:
             self.model.train(was_training)
@@ -126,10 +107,10 @@ class ZMask(nn.Module):
         """Install statistics (e.g. merged from several ranks), checking they cover every layer."""
         missing = [name for name in self.config.layers if name not in statistics]
         if missing:
-            raise ValueError(f"statistics are missing layers {missing}")
+            raise ConfigError(f"statistics are missing layers {missing}")
         for name, stats in statistics.items():
             if stats.planes != self.config.planes:
-                raise ValueError(f"statistics of layer {name!r} have {stats.planes} planes, the configuration {self.config.planes}")
+                raise ConfigError(f"statistics of layer {name!r} have {stats.planes} planes, the configuration {self.config.planes}")
         self.statistics = {name: statistics[name] for name in self.config.layers}
         self._device_statistics.clear()
 
@@ -141,20 +122,21 @@ class ZMask(nn.Module):
         """
         shallow, deep, targets = [], [], []
         with torch.no_grad():
-            for maps, masks in self._labelled_heatmaps(data, "heatmaps", progress):
-                shallow.append(maps.shallow)
-                deep.append(maps.deep)
+            for analysis, masks in self._labelled_analyses(data, "heatmaps", progress):
+                shallow.append(analysis.heatmaps.shallow)
+                deep.append(analysis.heatmaps.deep)
                 targets.append((resize_nearest(masks, self.config.heatmap_size) > 0.5).float())
         if not shallow:
-            raise ValueError("no (image, patch mask) batches were given")
+            raise InputError("no (image, patch mask) batches were given")
         return torch.cat(shallow), torch.cat(deep), torch.cat(targets)
 
-    def _labelled_heatmaps(self, data: Iterable[Any], description: str, progress: bool):
-        """(heatmaps, validated binary patch masks) for each (images, patch_masks) batch of ``data``."""
+    def _labelled_analyses(self, data: Iterable[Any], description: str, progress: bool):
+        """(ungated analysis, validated binary patch masks) for each (images, patch_masks) batch of ``data``."""
         for batch in tqdm(data, desc=description, disable=not progress):
             images, masks = batch_images_and_masks(batch)
             images = check_images(images, self.config.in_channels)
-            yield self.heatmaps(images), check_masks(masks.to(images.device), images)
+            masks = check_masks(masks.to(images.device), images)
+            yield self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate=False), masks
 
     def fit_fusion(self, data: Iterable[Any], settings: FusionTraining = FusionTraining(), progress: bool = False) -> list[float]:
         """Train the fusion block on (images, patch_masks) batches; returns the loss per epoch."""
@@ -166,117 +148,108 @@ class ZMask(nn.Module):
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty."""
         scores, labels = [], []
         with torch.no_grad():
-            for maps, masks in self._labelled_heatmaps(data, "calibration", progress):
-                soft = self.fusion(maps.shallow, maps.deep)
-                scores.append(detection_score(maps.shallow, maps.deep, soft, self.config.score).cpu())
+            for analysis, masks in self._labelled_analyses(data, "calibration", progress):
+                scores.append(analysis.score.cpu())
                 labels.append(masks.flatten(1).amax(1).cpu() > 0)
         if not scores:
-            raise ValueError("no calibration batches were given")
+            raise InputError("no calibration batches were given")
         scores_all, labels_all = torch.cat(scores), torch.cat(labels)
         if labels_all.all() or not labels_all.any():
-            raise ValueError("calibration needs both clean images (empty masks) and patched images")
+            raise InputError("calibration needs both clean images (empty masks) and patched images")
         self.calibration = calibrate_threshold(scores_all[~labels_all], scores_all[labels_all], target_fpr)
         self.threshold = self.calibration.threshold
         return self.calibration
 
     # ------------------------------------------------------------------ analysis
-    def _activations(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
-        with ActivationCapture(self.model, self.config.layers, self.on_repeat) as capture:
-            output = self.model(images)
-        activations = capture.require_all()
-        for name, activation in activations.items():
-            if activation.dim() != 4:
-                raise ValueError(f"layer {name!r} gives a {activation.dim()}-D output of shape {tuple(activation.shape)}; choose a convolutional layer (B x C x H x W)")
-        return output, activations
+    def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(model output, activations of every configured layer) of one forward pass."""
+        return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
 
-    def _statistics_on(self, device: torch.device) -> dict[str, LayerStatistics]:
+    def _statistics_on(self, device: torch.device) -> dict[str, LayerStatistics] | None:
         if self.statistics is None:
-            raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
+            return None
         key = str(device)
         if key not in self._device_statistics:
             self._device_statistics[key] = {name: stats.to(device) for name, stats in self.statistics.items()}
         return self._device_statistics[key]
 
+    def analyze(self, activations: dict[str, torch.Tensor], input_size: tuple[int, int], gate: bool = True,
+                per_layer: bool = False) -> Analysis:
+        """The Z-Mask analysis of captured activations (see :func:`zmask.core.analysis.analyze`):
+        heatmaps, soft mask, score, flag, and the keep-mask for images of ``input_size``."""
+        if not activations:
+            raise InputError("no activations were given")
+        device = next(iter(activations.values())).device
+        return analyze(activations, self._statistics_on(device), self.fusion, self.config, self._refiner, self.threshold,
+                       input_size, gate, per_layer)
+
     def heatmaps_from_activations(self, activations: dict[str, torch.Tensor], per_layer: bool = False) -> Heatmaps:
         """H_S and H_D from captured activations (pixel-wise max over the layers of each set)."""
-        config = self.config
         device = next(iter(activations.values())).device
         statistics = self._statistics_on(device)
-        maps: dict[str, dict[str, torch.Tensor]] = {}
-        for name in config.layers:
-            activation, stats = activations[name], statistics[name]
-            if activation.shape[1] != stats.channels:
-                raise ValueError(
-                    f"layer {name!r} has {activation.shape[1]} channels but its statistics {stats.channels}: "
-                    "the statistics or profile belong to another model"
-                )
-            kernel_sets = {}
-            if name in config.shallow_layers:
-                kernel_sets["S"] = config.shallow_kernels
-            if name in config.deep_layers:
-                kernel_sets["D"] = config.deep_kernels
-            maps[name] = self._refiner.heatmaps(activation, stats, kernel_sets)
-        shallow = torch.stack([maps[n]["S"] for n in config.shallow_layers]).amax(0)
-        deep = torch.stack([maps[n]["D"] for n in config.deep_layers]).amax(0)
-        return Heatmaps(shallow, deep, maps if per_layer else {})
+        if statistics is None:
+            raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
+        return compute_heatmaps(activations, statistics, self.config, self._refiner, per_layer)
 
     def heatmaps(self, images: torch.Tensor, per_layer: bool = False) -> Heatmaps:
         """H_S and H_D of a batch (one forward pass of the model)."""
         images = check_images(images, self.config.in_channels)
-        return self.heatmaps_from_activations(self._activations(images)[1], per_layer)
+        return self.heatmaps_from_activations(self.capture(images)[1], per_layer)
 
-    def _detect(self, heatmaps: Heatmaps, input_size: tuple[int, int], gate: bool) -> Detection:
-        soft = self.fusion(heatmaps.shallow, heatmaps.deep)
-        score = detection_score(heatmaps.shallow, heatmaps.deep, soft, self.config.score)
-        if gate:
-            if self.threshold is None:
-                raise NotFittedError("the threshold lambda0 is not set: call calibrate(...) or pass gate=False")
-            flagged = score > self.threshold
-        else:
-            flagged = torch.ones_like(score, dtype=torch.bool)
-        masked = F.interpolate((soft > self.config.mask_threshold).float(), size=input_size, mode="nearest")
-        if self.config.mask_dilation:
-            width = 2 * self.config.mask_dilation + 1
-            masked = F.max_pool2d(masked, width, stride=1, padding=self.config.mask_dilation)
-        keep = torch.where(flagged.view(-1, 1, 1, 1), 1.0 - masked, torch.ones_like(masked))
-        return Detection(soft, score, flagged, keep)
-
-    def detect(self, images: torch.Tensor, gate: bool = True) -> Detection:
+    def detect(self, images: torch.Tensor, gate: bool = True) -> Analysis:
         """Score, flag and mask a batch without re-processing it."""
-        maps = self.heatmaps(images)
-        return self._detect(maps, tuple(images.shape[-2:]), gate)
+        images = check_images(images, self.config.in_channels)
+        return self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate)
 
     def apply_mask(self, images: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
-        """x * M + fill * (1 - M), in the space the model consumes."""
-        fill = torch.as_tensor(self.config.fill_value, dtype=images.dtype, device=images.device)
-        fill = fill.view(1, -1, 1, 1) if fill.dim() else fill
-        return images * keep_mask + fill * (1.0 - keep_mask)
+        """x * M + fill * (1 - M), in the space (and dtype) the model consumes."""
+        return apply_mask(images, keep_mask, self.config.fill_value)
 
     def forward(self, images: torch.Tensor, gate: bool = True, return_heatmaps: bool = False) -> DefenseOutput:
         """Defended inference; with ``gate=False`` every image is masked (the authors' demo)."""
         images = check_images(images, self.config.in_channels)
-        output, activations = self._activations(images)
-        maps = self.heatmaps_from_activations(activations)
-        detection = self._detect(maps, tuple(images.shape[-2:]), gate)
-        if detection.flagged.any():
-            index = detection.flagged.nonzero().flatten()
-            rerun = self.model(self.apply_mask(images[index], detection.keep_mask[index]))
+        output, activations = self.capture(images)
+        analysis = self.analyze(activations, tuple(images.shape[-2:]), gate)
+        if analysis.flagged.any():
+            index = analysis.flagged.nonzero().flatten()
+            rerun = self.model(self.apply_mask(images[index], analysis.keep_mask[index]))
             output = merge_outputs(output, rerun, index)
-        return DefenseOutput(output, detection, maps if return_heatmaps else None)
+        return DefenseOutput(output, analysis, analysis.heatmaps if return_heatmaps else None)
 
     # ------------------------------------------------------------------ persistence
+    def profile(self) -> Profile:
+        """The fitted state as a :class:`~zmask.core.profile.Profile`."""
+        if self.statistics is None:
+            raise ProfileError("nothing to save: the defense has no statistics yet (call fit_statistics first)")
+        calibration = self.calibration.__dict__ if self.calibration is not None else None
+        return Profile(self.config, self.statistics, self.fusion.values(), self.threshold, calibration, self.fit_input_size,
+                       type(self.model).__name__)
+
     def save(self, path: str | Path) -> Path:
         """Write the profile (configuration, statistics, fusion parameters, lambda0) to ``path``."""
-        from .core.profile import save_profile
-
-        return save_profile(self, path)
+        return save_profile(self.profile(), path)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, check_model: bool = True, **kwargs: Any) -> ZMask:
         """Rebuild a defense from a profile for ``model``; a mismatching model raises ``ProfileError``."""
-        from .core.profile import load_profile
-
-        return load_profile(path, model, cls, check_model=check_model, **kwargs)
+        profile = load_profile(path)
+        if check_model:
+            check_model_fits(profile, model, path, kwargs.get("on_repeat", "error"))
+        else:
+            try:
+                resolve_modules(model, profile.config.layers)
+            except ValueError as error:
+                raise ProfileError(f"profile {path} does not fit this model: {error}") from None
+        fusion = FusionBlock()
+        fusion.load_values(profile.fusion)
+        defense = cls(model, profile.config, statistics=profile.statistics, fusion=fusion, threshold=profile.threshold, **kwargs)
+        defense.fit_input_size = profile.input_size
+        if isinstance(profile.calibration, dict):
+            try:
+                defense.calibration = Calibration(**profile.calibration)
+            except TypeError:
+                raise ProfileError(f"profile {path}: its calibration record has unexpected fields {sorted(profile.calibration)}") from None
+        return defense
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:
@@ -298,4 +271,4 @@ def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:
         for position, item in zip(index.tolist(), second):
             merged_list[position] = item
         return merged_list
-    raise TypeError(f"cannot merge model outputs of type {type(first).__name__}; return a tensor, list or dict")
+    raise ZMaskTypeError(f"cannot merge model outputs of type {type(first).__name__}; return a tensor, list or dict")

@@ -1,7 +1,9 @@
 """Exception types raised by zmask.
 
-All of them derive from the built-in ``ValueError``/``TypeError`` so that callers who do not know
-zmask can still catch them; the command line turns them into one-line messages.
+Every error a user can fix derives from :class:`ZMaskError`, itself a ``ValueError`` so that
+callers who do not know zmask can still catch it; wrong types are also ``TypeError``. The command
+line turns ``ZMaskError`` (and ``OSError`` from the user's paths) into one-line messages and lets
+anything else, a bug, show its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,18 @@ from __future__ import annotations
 
 class ZMaskError(ValueError):
     """A problem with input, configuration or state that the user can fix."""
+
+
+class ZMaskTypeError(ZMaskError, TypeError):
+    """An argument of the wrong type (a list where a tensor belongs, a string where a number does)."""
+
+
+class ConfigError(ZMaskError):
+    """An inconsistent or out-of-range setting (configuration, training or attack settings)."""
+
+
+class InputError(ZMaskError):
+    """Input data (images, masks, batches, layer outputs) that the defense cannot process."""
 
 
 class NotFittedError(ZMaskError):
@@ -21,3 +35,7 @@ class ProfileError(ZMaskError):
 
 class AssetError(ZMaskError):
     """A required asset (weights, data) is missing or does not match its recorded hash."""
+
+
+class UsageError(ZMaskError):
+    """A command-line usage problem: a missing option, a malformed value, a bad output path."""

@@ -6,40 +6,41 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from .errors import InputError, ZMaskTypeError
 
 
 def check_images(images: Any, in_channels: int = 3, name: str = "images") -> torch.Tensor:
     """Validate a B x C x H x W floating-point batch of finite values and return it."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape B x {in_channels} x H x W, got {type(images).__name__}")
+        raise ZMaskTypeError(f"{name} must be a torch.Tensor of shape B x {in_channels} x H x W, got {type(images).__name__}")
     if images.dim() != 4:
         hint = " (add a batch dimension with x.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"{name} must be 4-D (B x {in_channels} x H x W), got shape {tuple(images.shape)}{hint}")
+        raise InputError(f"{name} must be 4-D (B x {in_channels} x H x W), got shape {tuple(images.shape)}{hint}")
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (e.g. uint8 / 255), got {images.dtype}")
+        raise ZMaskTypeError(f"{name} must be a floating-point tensor (e.g. uint8 / 255), got {images.dtype}")
     if images.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (B = 0)")
+        raise InputError(f"{name} is an empty batch (B = 0)")
     if images.shape[1] != in_channels:
-        raise ValueError(f"{name} has {images.shape[1]} channels, the model expects {in_channels} (shape {tuple(images.shape)})")
+        raise InputError(f"{name} has {images.shape[1]} channels, the model expects {in_channels} (shape {tuple(images.shape)})")
     if images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"{name} has an empty spatial size {tuple(images.shape[2:])}")
+        raise InputError(f"{name} has an empty spatial size {tuple(images.shape[2:])}")
     if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise InputError(f"{name} contains NaN or Inf values")
     return images
 
 
 def check_masks(masks: Any, images: torch.Tensor, name: str = "masks") -> torch.Tensor:
     """Validate binary patch masks matching ``images`` (B x H x W or B x 1 x H x W); returns B x 1 x H x W float."""
     if not isinstance(masks, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(masks).__name__}")
+        raise ZMaskTypeError(f"{name} must be a torch.Tensor, got {type(masks).__name__}")
     if masks.dim() == 3:
         masks = masks.unsqueeze(1)
     expected = (images.shape[0], 1, *images.shape[2:])
     if tuple(masks.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} (one binary mask per image), got {tuple(masks.shape)}")
+        raise InputError(f"{name} must have shape {expected} (one binary mask per image), got {tuple(masks.shape)}")
     masks = masks.float()
     if ((masks != 0) & (masks != 1)).any():
-        raise ValueError(f"{name} must be binary (0 outside the patch, 1 on it)")
+        raise InputError(f"{name} must be binary (0 outside the patch, 1 on it)")
     return masks
 
 
@@ -49,19 +50,19 @@ def batch_images(batch: Any) -> torch.Tensor:
         return batch
     if isinstance(batch, Mapping):
         if "image" not in batch:
-            raise ValueError(f"batch dictionaries must hold an 'image' entry, got keys {sorted(batch)}")
+            raise InputError(f"batch dictionaries must hold an 'image' entry, got keys {sorted(batch)}")
         return batch["image"]
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
-    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
+    raise ZMaskTypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
 def batch_images_and_masks(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, patch masks) of a batch: a pair/tuple or a dict with 'image' and 'patch_mask'."""
     if isinstance(batch, Mapping):
         if "image" not in batch or "patch_mask" not in batch:
-            raise ValueError(f"batch dictionaries must hold 'image' and 'patch_mask', got keys {sorted(batch)}")
+            raise InputError(f"batch dictionaries must hold 'image' and 'patch_mask', got keys {sorted(batch)}")
         return batch["image"], batch["patch_mask"]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError("fusion and calibration batches must be (images, patch_masks) pairs or dicts with 'image' and 'patch_mask'")
+    raise ZMaskTypeError("fusion and calibration batches must be (images, patch_masks) pairs or dicts with 'image' and 'patch_mask'")

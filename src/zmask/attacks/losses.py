@@ -1,31 +1,12 @@
-"""Loss terms of the patch attacks (spec sections 4.2-4.5)."""
+"""Loss terms of the patch attacks (spec sections 4.2-4.5); the task losses live with their tasks
+(``zmask.tasks``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..core.statistics import LayerStatistics
-
-
-def segmentation_untargeted_terms(
-    logits: torch.Tensor, labels: torch.Tensor, patch_masks: torch.Tensor, num_classes: int, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Nesti et al.'s untargeted loss split: (L_nm, L_m, gamma), both sums to be maximised.
-
-    Omega: labelled pixels outside the patch; L_nm sums cross-entropy over the pixels of Omega
-    still classified correctly, L_m over the rest; gamma = |correct| / |Omega|.
-    """
-    labels = labels.long()
-    outside = patch_masks[:, 0] < 0.5
-    valid = outside & (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    cross_entropy = F.cross_entropy(logits, safe_labels, reduction="none")
-    correct = valid & (logits.argmax(1) == labels)
-    wrong = valid & ~correct
-    total = int(valid.sum())
-    gamma = float(correct.sum()) / total if total else 0.0
-    return (cross_entropy * correct).sum(), (cross_entropy * wrong).sum(), gamma
+from ..core.statistics import LayerStatistics, zscore_grid
 
 
 def smoothness(patch: torch.Tensor) -> torch.Tensor:
@@ -59,9 +40,7 @@ def over_activation_loss(
     area = masks.flatten(1).sum(1).clamp(min=1)
     total = 0.0
     for name, activation in activations.items():
-        mean, scale = statistics[name].normaliser(heatmap_size, eps, std_floor)
-        grid = F.interpolate(activation.float(), size=heatmap_size, mode="nearest")
-        zscore = (grid - mean.to(grid)) * scale.to(grid)
+        zscore = zscore_grid(activation, statistics[name], heatmap_size, eps, std_floor)
         inside = (zscore * masks).flatten(2).sum(2).abs()  # B x C
         total = total + (inside.mean(1) / area)
     return (total / len(activations)).mean()

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.capture import ActivationCapture
-from ..errors import ZMaskError
-from .losses import default_printable_colours, non_printability, over_activation_loss, segmentation_untargeted_terms, smoothness
+from ..contracts import AttackContext, Task, WeightedTerm
+from ..core.capture import run_and_capture
+from ..errors import ConfigError, ZMaskError
+from .adaptive import ADAPTIVE_OBJECTIVES
+from .losses import default_printable_colours, non_printability, over_activation_loss, smoothness
 from .placement import EOTConfig, apply_patch
 
 
@@ -28,9 +29,10 @@ class AttackConfig:
     """Settings of a patch attack.
 
     patch_size: (height, width) in pixels. beta: Eq. 5 weight of the adversarial term (1 = plain
-    attack; needs a defense for L_OZ when < 1). defense_attack: None, "mask" (Mask-Attack) or
-    "flag" (Flag-Attack) with weight ``alpha`` on the adversarial term (Eq. 6). objective: for
-    detection, "untargeted" or "vanishing". Learning rate is in [0, 1] pixel units (Adam).
+    attack; needs a defense for L_OZ when < 1). defense_attack: None or the name of a registered
+    defense-aware objective (``ADAPTIVE_OBJECTIVES``: "mask" = Mask-Attack, "flag" = Flag-Attack),
+    with weight ``alpha`` on the adversarial term (Eq. 6). objective: the task's attack objective
+    (detection: "untargeted" or "vanishing"). Learning rate is in [0, 1] pixel units (Adam).
     """
 
     patch_size: tuple[int, int]
@@ -39,9 +41,9 @@ class AttackConfig:
     learning_rate: float = 0.03
     eot: EOTConfig = field(default_factory=EOTConfig)
     beta: float = 1.0
-    defense_attack: Literal["mask", "flag"] | None = None
+    defense_attack: str | None = None
     alpha: float = 1.0
-    objective: Literal["untargeted", "vanishing"] = "untargeted"
+    objective: str = "untargeted"
     smoothness_weight: float = 0.0
     printability_weight: float = 0.0
     seed: int = 0
@@ -50,13 +52,11 @@ class AttackConfig:
         for name in ("beta", "alpha"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ZMaskError(f"{name}={value} must lie in [0, 1]")
-        if self.defense_attack not in (None, "mask", "flag"):
-            raise ZMaskError(f"defense_attack={self.defense_attack!r} must be None, 'mask' or 'flag'")
-        if self.objective not in ("untargeted", "vanishing"):
-            raise ZMaskError(f"objective={self.objective!r} must be 'untargeted' or 'vanishing'")
+                raise ConfigError(f"{name}={value} must lie in [0, 1]")
+        if self.defense_attack is not None:
+            ADAPTIVE_OBJECTIVES.get(self.defense_attack)  # unknown names raise with the choices
         if min(self.patch_size) < 1 or self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ZMaskError(f"invalid attack settings: patch {self.patch_size}, steps {self.steps}, batch {self.batch_size}, lr {self.learning_rate}")
+            raise ConfigError(f"invalid attack settings: patch {self.patch_size}, steps {self.steps}, batch {self.batch_size}, lr {self.learning_rate}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,20 +76,23 @@ def _normalise(gradient: torch.Tensor) -> torch.Tensor:
 
 
 class PatchAttack:
-    """Crafts a patch against ``task`` (a SegmentationTask or DetectionTask), optionally aware of a defense.
+    """Crafts a patch against ``task`` (a :class:`~zmask.contracts.Task`), optionally aware of a defense.
 
-    ``data`` is an indexable dataset of dict items: ``image`` (3 x H x W, all the same size) and
-    ``label`` (segmentation) or ``target`` (detection, boxes in the same pixel frame as ``image``).
+    ``data`` is an indexable dataset of the task's dict items: ``image`` (3 x H x W, all the same
+    size) and the task's labels (``label`` for segmentation, ``target`` for detection, in the same
+    pixel frame as ``image``).
     """
 
-    def __init__(self, task: Any, config: AttackConfig, defense: nn.Module | None = None) -> None:
+    def __init__(self, task: Task, config: AttackConfig, defense: nn.Module | None = None) -> None:
         needs_defense = config.beta < 1.0 or config.defense_attack is not None
         if needs_defense and defense is None:
             raise ZMaskError("activation-aware (beta < 1) and defense-aware attacks need a fitted ZMask defense")
         if needs_defense and defense.statistics is None:
             raise ZMaskError("the defense has no statistics: fit or load it first")
-        if config.defense_attack == "flag" and defense.threshold is None:
-            raise ZMaskError("Flag-Attack needs the defense's threshold lambda0: calibrate it first")
+        if config.defense_attack is not None and defense.threshold is None:
+            raise ZMaskError("defense-aware attacks need the defense's threshold lambda0: calibrate it first")
+        if config.objective not in task.objectives:
+            raise ConfigError(f"the {task.name} task has no attack objective {config.objective!r}; use one of {task.objectives}")
         self.task, self.config, self.defense = task, config, defense
         self.printable = default_printable_colours()
 
@@ -118,8 +121,8 @@ class PatchAttack:
         history = []
         for step in tqdm(range(config.steps), desc="attack", disable=not progress):
             index = torch.randint(0, len(data), (config.batch_size,), generator=generator).tolist()
-            batch = [data[i] for i in index]
-            images = torch.stack([item["image"] for item in batch]).to(device)
+            batch = self.task.collate([data[i] for i in index])
+            images = batch["image"].to(device)
             placed = apply_patch(images, patch, generator, config.eot)
             terms = self._terms(placed, batch, patch)
             direction = torch.zeros_like(patch)
@@ -140,61 +143,35 @@ class PatchAttack:
                 callback(step, patch.detach(), record)
         return AttackResult(patch.detach().cpu(), history, config)
 
-    def _terms(self, placed, batch, patch: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    def _terms(self, placed, batch: dict[str, Any], patch: torch.Tensor) -> dict[str, WeightedTerm]:
         """Loss terms to *minimise*, each with its weight in the update direction."""
-        config = self.config
+        config, defense = self.config, self.defense
         layers: list[str] = []
         if config.beta < 1.0:
-            layers += list(self.defense.config.shallow_layers)
+            layers += list(defense.config.shallow_layers)
         if config.defense_attack is not None:
-            layers += list(self.defense.config.layers)
+            layers += list(defense.config.layers)
         layers = list(dict.fromkeys(layers))
         if layers:
-            with ActivationCapture(self.task.model, layers, self.defense.on_repeat) as capture:
-                output = self.task.forward(placed.images)
-            activations = capture.require_all()
+            output, activations = run_and_capture(self.task.model, placed.images, layers, defense.on_repeat)
         else:
             output, activations = self.task.forward(placed.images), {}
         adversarial_weight = config.beta * (config.alpha if config.defense_attack else 1.0)
-        terms = self._adversarial_terms(output, placed, batch, adversarial_weight)
+        terms = self.task.attack_terms(output, batch, placed.images, placed.masks, adversarial_weight, config.objective)
         if config.beta < 1.0:
-            shallow = {name: activations[name] for name in self.defense.config.shallow_layers}
+            shallow = {name: activations[name] for name in defense.config.shallow_layers}
             terms["over_activation"] = (1.0 - config.beta, over_activation_loss(
-                shallow, self.defense.statistics, placed.masks, self.defense.config.heatmap_size, self.defense.config.eps, self.defense.config.std_floor))
+                shallow, defense.statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
         if config.defense_attack is not None:
-            terms.update(self._defense_terms(activations, placed, 1.0 - config.alpha))
+            analysis = defense.analyze(activations, tuple(placed.images.shape[-2:]), gate=False)
+            context = AttackContext(defense, placed.images, placed.masks, output, activations, analysis)
+            for name, value in ADAPTIVE_OBJECTIVES.get(config.defense_attack)(context).items():
+                terms[name] = (1.0 - config.alpha, value)
         if config.smoothness_weight:
             terms["smoothness"] = (config.smoothness_weight, smoothness(patch))
         if config.printability_weight:
             terms["printability"] = (config.printability_weight, non_printability(patch, self.printable))
         return terms
-
-    def _adversarial_terms(self, output, placed, batch, weight: float) -> dict[str, tuple[float, torch.Tensor]]:
-        task = self.task
-        if task.name == "segmentation":
-            labels = torch.stack([item["label"] for item in batch]).to(output.device)
-            correct, wrong, gamma = segmentation_untargeted_terms(output, labels, placed.masks, task.num_classes, task.ignore_index)
-            pixels = max(1, int(labels.numel()))
-            # Maximising the cross-entropy = minimising its negative; gamma balances the two sets (spec 4.2).
-            return {
-                "ce_correct": (weight * gamma, -correct / pixels),
-                "ce_wrong": (weight * (1.0 - gamma), -wrong / pixels),
-            }
-        targets = [{k: v.to(placed.images.device) if torch.is_tensor(v) else v for k, v in item["target"].items()} for item in batch]
-        return {"detection": (weight, -task.objective(placed.images, targets, self.config.objective))}
-
-    def _defense_terms(self, activations, placed, weight: float) -> dict[str, tuple[float, torch.Tensor]]:
-        defense = self.defense
-        maps = defense.heatmaps_from_activations(activations)
-        soft = defense.fusion(maps.shallow, maps.deep)
-        if self.config.defense_attack == "mask":
-            target = (F.interpolate(placed.masks, size=defense.config.heatmap_size, mode="nearest") > 0.5).float()
-            return {"mask_bce": (weight, -F.binary_cross_entropy(soft, target))}
-        from ..core.fusion import detection_score
-
-        score = detection_score(maps.shallow, maps.deep, soft, defense.config.score)
-        flag = torch.sigmoid(score - defense.threshold)
-        return {"flag_bce": (weight, -F.binary_cross_entropy(flag, torch.ones_like(flag)))}
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+from ..contracts import Task
 from ..errors import ZMaskError
 
-# (width, height) at the paper's input sizes.
-_PAPER_SIZES = {
-    "segmentation": ((2048, 1024), {"L": (600, 300), "M": (400, 200), "S": (300, 150)}),
-    "detection": ((640, 640), {"L": (200, 200), "M": (150, 150), "S": (100, 100)}),
-}
 
+def patch_size(task: str | type[Task] | Task, size: str, input_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the paper's S/M/L patch for ``task`` (a task, or its name in ``zmask.tasks.TASKS``),
+    scaled to ``input_size`` (H, W)."""
+    if isinstance(task, str):
+        from ..tasks import TASKS
 
-def patch_size(task: str, size: str, input_size: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the paper's S/M/L patch for ``task``, scaled to ``input_size`` (H, W)."""
-    if task not in _PAPER_SIZES:
-        raise ZMaskError(f"unknown task {task!r}; use 'segmentation' or 'detection'")
-    (paper_w, paper_h), sizes = _PAPER_SIZES[task]
+        task = TASKS.get(task)
+    (paper_h, paper_w), sizes = task.paper_patch_sizes
     if size not in sizes:
         raise ZMaskError(f"unknown patch size {size!r}; use one of {sorted(sizes)}")
-    width, height = sizes[size]
+    height, width = sizes[size]
     return max(1, round(height * input_size[0] / paper_h)), max(1, round(width * input_size[1] / paper_w))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import AxisWindows
+from ..errors import ConfigError
 
 
 def summed_area_table(grid: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
@@ -117,7 +118,7 @@ def box_filter(grid: torch.Tensor, kernels: Sequence[tuple[int, int]]) -> list[t
     results = []
     for kh, kw in kernels:
         if not (1 <= kh <= height and 1 <= kw <= width):
-            raise ValueError(f"kernel ({kh}, {kw}) does not fit a {height} x {width} map")
+            raise ConfigError(f"kernel ({kh}, {kw}) does not fit a {height} x {width} map")
         rows = AxisWindows(torch.arange(height - kh + 1), torch.arange(kh, height + 1), torch.arange(height - kh + 1))
         cols = AxisWindows(torch.arange(width - kw + 1), torch.arange(kw, width + 1), torch.arange(width - kw + 1))
         results.append((box_sum_from_table(table, rows.to(grid.device), cols.to(grid.device)) / (kh * kw)).float())

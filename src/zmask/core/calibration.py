@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,9 @@ class Calibration:
 def _as_scores(values, name: str) -> np.ndarray:
     array = np.asarray(torch.as_tensor(values).detach().cpu().double().flatten())
     if array.size == 0:
-        raise ValueError(f"{name} is empty: calibration needs clean and patched scores")
+        raise InputError(f"{name} is empty: calibration needs clean and patched scores")
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise InputError(f"{name} contains NaN or Inf")
     return array
 
 
@@ -36,10 +37,12 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     the highest TPR whose FPR does not exceed it. The threshold is placed halfway between the
     lowest flagged score and the next lower score, so the strict comparison reproduces the point.
     """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     clean = _as_scores(clean_scores, "clean_scores")
     patched = _as_scores(patched_scores, "patched_scores")
     if target_fpr is not None and not 0.0 <= target_fpr <= 1.0:
-        raise ValueError(f"target_fpr={target_fpr} must lie in [0, 1]")
+        raise InputError(f"target_fpr={target_fpr} must lie in [0, 1]")
     labels = np.concatenate([np.zeros(clean.size), np.ones(patched.size)])
     scores = np.concatenate([clean, patched])
     fpr, tpr, thresholds = roc_curve(labels, scores)

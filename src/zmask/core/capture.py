@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from ..errors import InputError
 
 RepeatPolicy = Literal["error", "first", "last"]
 _SELECTOR = re.compile(r"^(?P<module>[^\[\]]+?)(?:\[(?P<index>\d+)\])?$")
@@ -19,7 +20,7 @@ def parse_layer_name(name: str) -> tuple[str, int | None]:
     """Split ``"module.path[i]"`` into the module path and the optional output index."""
     match = _SELECTOR.match(name)
     if not match:
-        raise ValueError(f"invalid layer name {name!r}: use a module path such as 'encoder.b1', optionally 'name[0]'")
+        raise InputError(f"invalid layer name {name!r}: use a module path such as 'encoder.b1', optionally 'name[0]'")
     index = match.group("index")
     return match.group("module"), None if index is None else int(index)
 
@@ -33,7 +34,7 @@ def resolve_modules(model: nn.Module, layer_names: Sequence[str]) -> dict[str, n
         if path not in modules:
             close = difflib.get_close_matches(path, list(modules), n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise InputError(
                 f"model {type(model).__name__} has no layer {path!r}{hint} "
                 "(list names with `zmask models` or `dict(model.named_modules())`)"
             )
@@ -58,7 +59,7 @@ class ActivationCapture:
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str], on_repeat: RepeatPolicy = "error") -> None:
         if on_repeat not in ("error", "first", "last"):
-            raise ValueError(f"on_repeat={on_repeat!r} must be 'error', 'first' or 'last'")
+            raise InputError(f"on_repeat={on_repeat!r} must be 'error', 'first' or 'last'")
         self.layer_names = tuple(dict.fromkeys(layer_names))
         self.on_repeat = on_repeat
         self._modules = resolve_modules(model, self.layer_names)
@@ -84,7 +85,7 @@ class ActivationCapture:
         """The captured activations; raises if a layer never ran."""
         missing = self.missing()
         if missing:
-            raise ValueError(f"layers {missing} did not run in the forward pass; choose layers on the path of the input")
+            raise InputError(f"layers {missing} did not run in the forward pass; choose layers on the path of the input")
         return self.activations
 
     def _make_hook(self, name: str):
@@ -94,7 +95,7 @@ class ActivationCapture:
             tensor = _select_output(name, output, index)
             if name in self.activations:
                 if self.on_repeat == "error":
-                    raise ValueError(
+                    raise InputError(
                         f"layer {name!r} ran more than once in one forward pass (a shared module); "
                         "pick another layer or pass on_repeat='first' or 'last'"
                     )
@@ -108,18 +109,34 @@ class ActivationCapture:
 def _select_output(name: str, output: object, index: int | None) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         if index is not None:
-            raise ValueError(f"layer {name!r} returns a single tensor; drop the [{index}] selector")
+            raise InputError(f"layer {name!r} returns a single tensor; drop the [{index}] selector")
         return output
     if isinstance(output, (tuple, list)):
         if index is None:
-            raise ValueError(
+            raise InputError(
                 f"layer {name!r} returns a {type(output).__name__} of {len(output)} items; "
                 f"name one of them, e.g. '{name}[0]'"
             )
         if index >= len(output) or not isinstance(output[index], torch.Tensor):
-            raise ValueError(f"layer {name!r}: output item {index} is not a tensor")
+            raise InputError(f"layer {name!r}: output item {index} is not a tensor")
         return output[index]
-    raise ValueError(f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer")
+    raise InputError(f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer")
+
+
+def run_and_capture(model: nn.Module, images: torch.Tensor, layer_names: Sequence[str],
+                    on_repeat: RepeatPolicy = "error") -> tuple[object, dict[str, torch.Tensor]]:
+    """(model output, activations of every named layer) of one forward pass of ``model`` on ``images``."""
+    with ActivationCapture(model, layer_names, on_repeat) as capture:
+        output = model(images)
+    return output, capture.require_all()
+
+
+def deepest_layer(model: nn.Module, layers: Sequence[str], probe: torch.Tensor) -> str:
+    """The layer of ``layers`` with the coarsest output on ``probe`` (smallest H x W, then most channels)."""
+    with torch.no_grad():
+        _, activations = run_and_capture(model, probe, layers)
+    shapes = {name: activations[name].shape for name in layers}
+    return min(layers, key=lambda name: (shapes[name][-2] * shapes[name][-1], -shapes[name][1]))
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import ConfigError
 
 PARAMETER_NAMES = ("a1", "b1", "a2", "b2", "c1", "e1", "c2", "e2")
 
@@ -48,12 +49,12 @@ class FusionBlock(nn.Module):
     def load_values(self, values: Mapping[str, float | torch.Tensor]) -> None:
         missing = [n for n in PARAMETER_NAMES if n not in values]
         if missing:
-            raise ValueError(f"fusion parameters {missing} are missing")
+            raise ConfigError(f"fusion parameters {missing} are missing")
         with torch.no_grad():
             for name in PARAMETER_NAMES:
                 value = torch.as_tensor(values[name], dtype=torch.float32).reshape(())
                 if not torch.isfinite(value):
-                    raise ValueError(f"fusion parameter {name} is not finite")
+                    raise ConfigError(f"fusion parameter {name} is not finite")
                 getattr(self, name).copy_(value)
 
     @classmethod
@@ -62,16 +63,16 @@ class FusionBlock(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"cannot read fusion checkpoint {path}: {error}") from None
+            raise ConfigError(f"cannot read fusion checkpoint {path}: {error}") from None
         expected = {f"{prefix}.{kind}" for prefix in _AUTHORS_KEYS.values() for kind in ("weight", "bias")}
         if not isinstance(state, Mapping) or not expected <= set(state):
             found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"{path} is not a Z-Mask fusion checkpoint: expected keys {sorted(expected)}, found {found}")
+            raise ConfigError(f"{path} is not a Z-Mask fusion checkpoint: expected keys {sorted(expected)}, found {found}")
         values = {}
         for (weight_name, bias_name), prefix in _AUTHORS_KEYS.items():
             weight, bias = state[f"{prefix}.weight"], state[f"{prefix}.bias"]
             if weight.numel() != 1 or bias.numel() != 1:
-                raise ValueError(f"{path}: {prefix} must hold one weight and one bias, got shapes {tuple(weight.shape)}, {tuple(bias.shape)}")
+                raise ConfigError(f"{path}: {prefix} must hold one weight and one bias, got shapes {tuple(weight.shape)}, {tuple(bias.shape)}")
             values[weight_name], values[bias_name] = weight.reshape(()), bias.reshape(())
         block = cls()
         block.load_values(values)
@@ -90,7 +91,13 @@ def detection_score(shallow: torch.Tensor, deep: torch.Tensor, soft_mask: torch.
         return weighted.sum(1) / (1.0 + mass)
     if definition == "paper":
         return weighted.abs().sum(1) / mass.clamp(min=torch.finfo(mass.dtype).tiny)
-    raise ValueError(f"unknown score definition {definition!r}; use 'reference' or 'paper'")
+    raise ConfigError(f"unknown score definition {definition!r}; use 'reference' or 'paper'")
+
+
+def fuse_and_score(fusion: nn.Module, shallow: torch.Tensor, deep: torch.Tensor, definition: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft mask M~, score d): the fusion block applied to (H_S, H_D), then :func:`detection_score`."""
+    soft = fusion(shallow, deep)
+    return soft, detection_score(shallow, deep, soft, definition)
 
 
 @dataclass(frozen=True)
@@ -122,15 +129,15 @@ def train_fusion(
     from tqdm.auto import tqdm
 
     if not (shallow.shape == deep.shape == targets.shape) or shallow.dim() != 4 or shallow.shape[0] == 0:
-        raise ValueError(
+        raise ConfigError(
             f"heatmaps and targets must be N x 1 x H x W of one shape with N > 0, got "
             f"{tuple(shallow.shape)}, {tuple(deep.shape)}, {tuple(targets.shape)}"
         )
     if settings.epochs < 1 or settings.batch_size < 1 or settings.learning_rate <= 0 or settings.min_steps < 0:
-        raise ValueError(f"invalid training settings {settings}")
+        raise ConfigError(f"invalid training settings {settings}")
     targets = targets.float()
     if ((targets != 0) & (targets != 1)).any():
-        raise ValueError("targets must be binary patch masks (0 or 1)")
+        raise ConfigError("targets must be binary patch masks (0 or 1)")
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.Adam(block.parameters(), lr=settings.learning_rate)
     history = []

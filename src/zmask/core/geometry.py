@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from ..errors import ConfigError
 
 Pooling = Literal["valid_stretch", "same"]
 
@@ -23,7 +24,7 @@ def legacy_nearest_indices(in_size: int, out_size: int) -> torch.Tensor:
     (floor(dst * in / out) in float32) exactly on every version.
     """
     if in_size <= 0 or out_size <= 0:
-        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+        raise ConfigError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
     ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size)
     return F.interpolate(ramp, size=out_size, mode="nearest").view(out_size).long()
 
@@ -74,7 +75,7 @@ def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
     count in the divisor).
     """
     if kernel < 1 or kernel > size:
-        raise ValueError(f"kernel {kernel} does not fit an axis of {size} positions")
+        raise ConfigError(f"kernel {kernel} does not fit an axis of {size} positions")
     if pooling == "valid_stretch":
         pooled = size - kernel + 1
         starts = legacy_nearest_indices(pooled, size)
@@ -84,7 +85,7 @@ def axis_windows(size: int, kernel: int, pooling: Pooling) -> AxisWindows:
         starts = (positions - (kernel - 1) // 2).clamp(min=0)
         ends = (positions + kernel // 2 + 1).clamp(max=size)
     else:
-        raise ValueError(f"unknown pooling geometry {pooling!r}; use 'valid_stretch' or 'same'")
+        raise ConfigError(f"unknown pooling geometry {pooling!r}; use 'valid_stretch' or 'same'")
     keys = starts * (size + 1) + ends
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     # "same" windows are every position's window clipped at the borders: (before, after) lets the

@@ -11,21 +11,19 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from .. import __version__
+from .._version import __version__
 from ..config import ZMaskConfig
 from ..errors import ProfileError
-from .capture import resolve_modules
-from .fusion import PARAMETER_NAMES, FusionBlock
+from .capture import RepeatPolicy, resolve_modules, run_and_capture
+from .fusion import PARAMETER_NAMES
 from .statistics import LayerStatistics
-
-if TYPE_CHECKING:
-    from ..defense import ZMask
 
 FORMAT_NAME = "zmask-profile"
 FORMAT_VERSION = 1
@@ -43,27 +41,42 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_profile(defense: ZMask, path: str | Path) -> Path:
-    """Write ``defense``'s fitted state to ``path`` (a ``.safetensors`` file)."""
-    if defense.statistics is None:
-        raise ProfileError("nothing to save: the defense has no statistics yet (call fit_statistics first)")
+@dataclass
+class Profile:
+    """A fitted defense's state, as stored in a profile file."""
+
+    config: ZMaskConfig
+    statistics: dict[str, LayerStatistics]
+    fusion: dict[str, float]
+    threshold: float | None = None
+    calibration: dict[str, Any] | None = None
+    input_size: tuple[int, int] | None = None
+    model_class: str = ""
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer name -> channel count."""
+        return {name: stats.channels for name, stats in self.statistics.items()}
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write ``profile`` to ``path`` (a ``.safetensors`` file)."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, stats in defense.statistics.items():
+    for name, stats in profile.statistics.items():
         tensors[f"statistics/{name}/mean"] = stats.mean.detach().float().cpu().contiguous()
         tensors[f"statistics/{name}/std"] = stats.std.detach().float().cpu().contiguous()
-    for name, value in defense.fusion.values().items():
+    for name, value in profile.fusion.items():
         tensors[f"fusion/{name}"] = torch.tensor([value], dtype=torch.float32)
-    calibration = defense.calibration.__dict__ if defense.calibration is not None else None
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "zmask_version": __version__,
-        "config": json.dumps(defense.config.to_dict()),
-        "layers": json.dumps({name: stats.channels for name, stats in defense.statistics.items()}),
-        "threshold": json.dumps(defense.threshold),
-        "calibration": json.dumps(calibration),
-        "input_size": json.dumps(defense.fit_input_size),
-        "model_class": type(defense.model).__name__,
+        "config": json.dumps(profile.config.to_dict()),
+        "layers": json.dumps(profile.layers),
+        "threshold": json.dumps(profile.threshold),
+        "calibration": json.dumps(profile.calibration),
+        "input_size": json.dumps(profile.input_size),
+        "model_class": profile.model_class,
         "tensors_sha256": _tensor_digest(tensors),
     }
     path = Path(path)
@@ -105,51 +118,50 @@ def read_profile(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tens
     return metadata, tensors
 
 
-def load_profile(path: str | Path, model: torch.nn.Module, cls: type[ZMask], check_model: bool = True, **kwargs: Any) -> ZMask:
-    """Rebuild a ``cls`` defense around ``model`` from a profile, checking that the model fits it."""
+def load_profile(path: str | Path) -> Profile:
+    """Read, verify and decode a profile file; any defect raises ``ProfileError`` naming the file."""
     metadata, tensors = read_profile(path)
     try:
         config = ZMaskConfig.from_dict(json.loads(metadata["config"]))
         layers: dict[str, int] = json.loads(metadata["layers"])
         threshold = json.loads(metadata["threshold"])
+        calibration = json.loads(metadata.get("calibration", "null"))
         input_size = json.loads(metadata.get("input_size", "null"))
         statistics = {name: LayerStatistics(tensors[f"statistics/{name}/mean"], tensors[f"statistics/{name}/std"]) for name in layers}
-        fusion_values = {name: tensors[f"fusion/{name}"] for name in PARAMETER_NAMES}
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+        fusion = {name: float(tensors[f"fusion/{name}"].reshape(-1)[0]) for name in PARAMETER_NAMES}
+    except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as error:
         raise ProfileError(f"profile {path} is incomplete or inconsistent: {error}") from None
     for name, channels in layers.items():
         stats = statistics[name]
         if stats.mean.shape != stats.std.shape or stats.channels != channels or stats.mean.dim() != 2:
             raise ProfileError(f"profile {path}: statistics of layer {name!r} do not match its {channels} recorded channels")
+    return Profile(config, statistics, fusion, threshold, calibration, tuple(input_size) if input_size else None,
+                   metadata.get("model_class", ""))
+
+
+def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path, on_repeat: RepeatPolicy = "error") -> None:
+    """Fail with ``ProfileError`` unless ``model`` has the profile's layers with the recorded channel
+    counts (one blank image of the fitted input size is run through it)."""
     try:
-        resolve_modules(model, config.layers)
+        resolve_modules(model, profile.config.layers)
     except ValueError as error:
         raise ProfileError(f"profile {path} does not fit this model: {error}") from None
-    fusion = FusionBlock()
-    fusion.load_values(fusion_values)
-    defense = cls(model, config, statistics=statistics, fusion=fusion, threshold=threshold, **kwargs)
-    defense.fit_input_size = tuple(input_size) if input_size else None
-    if check_model and input_size:
-        _check_channels(defense, layers, tuple(input_size), path)
-    return defense
-
-
-def _check_channels(defense: ZMask, layers: dict[str, int], input_size: tuple[int, int], path: str | Path) -> None:
-    """Run one blank image through the model and compare every layer's channel count with the profile."""
+    if not profile.input_size:
+        return
     try:
-        parameter = next(defense.model.parameters())
+        parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
-    probe = torch.zeros(1, defense.config.in_channels, *input_size, device=device, dtype=dtype)
-    was_training = defense.model.training
-    defense.model.eval()
+    probe = torch.zeros(1, profile.config.in_channels, *profile.input_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            _, activations = defense._activations(probe)
+            _, activations = run_and_capture(model, probe, profile.config.layers, on_repeat)
     finally:
-        defense.model.train(was_training)
-    for name, channels in layers.items():
+        model.train(was_training)
+    for name, channels in profile.layers.items():
         found = activations[name].shape[1]
         if found != channels:
             raise ProfileError(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import Kernel, ZMaskConfig
 from .boxfilter import Workspace, box_mean_separable, box_sum_from_table, separable_layout, summed_area_table, window_areas
 from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
-from .statistics import LayerStatistics
+from .statistics import LayerStatistics, zscore, zscore_grid
 
 # How many elementwise operations one multiply-add of a matrix product is worth, for the "auto"
 # choice between the evaluators (benchmarks/bench_refinement.py prints which one each layer gets).
@@ -186,13 +186,10 @@ class LayerRefiner:
         the native Z-score in :func:`separable_layout` (separable)."""
         chunk = chunk.float()
         if plan.method == "separable":
-            return separable_layout((chunk - mean) * scale)
+            return separable_layout(zscore(chunk, mean, scale))
         grid = F.interpolate(chunk, size=self.config.heatmap_size, mode="nearest")
-        if grid.requires_grad:
-            zscore = (grid - mean) * scale
-        else:
-            zscore = (grid if grid.data_ptr() != chunk.data_ptr() else grid.clone()).sub_(mean).mul_(scale)
-        return summed_area_table(zscore, self.workspace)
+        scratch = grid.data_ptr() != chunk.data_ptr()  # interpolate made a new tensor: reuse it
+        return summed_area_table(zscore(grid, mean, scale, inplace=scratch), self.workspace)
 
     def _box_means(self, source: torch.Tensor, shape, method: str, plan: KernelPlan) -> torch.Tensor:
         """Compact box means (B x c x rows x cols, float32) of a chunk for one kernel."""
@@ -225,11 +222,9 @@ def _slice_channels(values: torch.Tensor, part: slice) -> torch.Tensor:
 
 
 def zscore_direct(activation: torch.Tensor, stats: LayerStatistics, config: ZMaskConfig) -> torch.Tensor:
-    """z = (R(h) - mu) / (max(sigma, floor) + eps) on the heatmap grid (B x C x H_R x W_R)."""
-    mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
-    dtype = torch.promote_types(activation.dtype, torch.float32)  # float64 in, float64 out (exact oracle)
-    grid = F.interpolate(activation.to(dtype), size=config.heatmap_size, mode="nearest")
-    return (grid - mean.to(grid)) * scale.to(grid)
+    """z = (R(h) - mu) / (max(sigma, floor) + eps) on the heatmap grid (B x C x H_R x W_R); float64
+    in, float64 out (the exact oracle)."""
+    return zscore_grid(activation, stats, config.heatmap_size, config.eps, config.std_floor)
 
 
 def avg_pool_direct(zscore: torch.Tensor, kernel: Kernel, pooling: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from ..errors import InputError
 
 Estimator = Literal["reference", "pooled"]
 
@@ -17,6 +18,27 @@ def resize_nearest(activation: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     if tuple(activation.shape[-2:]) == tuple(size):
         return activation
     return F.interpolate(activation, size=size, mode="nearest")
+
+
+def zscore(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Eq. 2's spatial Z-score ``(values - mu) * scale`` with ``scale = 1 / (max(sigma, floor) + eps)``.
+
+    ``mean`` and ``scale`` come from :meth:`LayerStatistics.normaliser`. ``inplace`` overwrites
+    ``values`` (a scratch tensor that no gradient flows through) instead of allocating.
+    """
+    if inplace and not values.requires_grad:
+        return values.sub_(mean).mul_(scale)
+    return (values - mean) * scale
+
+
+def zscore_grid(activation: torch.Tensor, stats: LayerStatistics, heatmap_size: tuple[int, int], eps: float, std_floor: float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Z-score of an activation resized (nearest) to the heatmap grid: B x C x H_R x W_R in ``dtype``
+    (at least float32; float64 for the exact oracle)."""
+    mean, scale = stats.normaliser(heatmap_size, eps, std_floor)
+    dtype = torch.promote_types(activation.dtype, dtype)
+    grid = F.interpolate(activation.to(dtype), size=heatmap_size, mode="nearest")
+    return zscore(grid, mean.to(grid), scale.to(grid))
 
 
 def split_planes(grid: torch.Tensor, planes: int) -> torch.Tensor:
@@ -75,14 +97,14 @@ class StatisticsAccumulator:
 
     def __post_init__(self) -> None:
         if self.estimator not in ("reference", "pooled"):
-            raise ValueError(f"estimator={self.estimator!r} must be 'reference' or 'pooled'")
+            raise InputError(f"estimator={self.estimator!r} must be 'reference' or 'pooled'")
 
     def update(self, activations: dict[str, torch.Tensor]) -> None:
         """Add one batch of activations (name -> B x C x h x w)."""
         batch = None
         for name, activation in activations.items():
             if activation.dim() != 4:
-                raise ValueError(f"layer {name!r} gave a {activation.dim()}-D output; statistics need B x C x H x W maps")
+                raise InputError(f"layer {name!r} gave a {activation.dim()}-D output; statistics need B x C x H x W maps")
             batch = activation.shape[0] if batch is None else batch
             with torch.no_grad():
                 chunks = split_planes(resize_nearest(activation.detach(), self.heatmap_size), self.planes).double()
@@ -95,14 +117,14 @@ class StatisticsAccumulator:
                     values = [count, mean, m2]
             previous = self._sums.get(name)
             if previous is not None and previous[0].shape != values[0].shape:
-                raise ValueError(f"layer {name!r} changed its channel count from {previous[0].shape[0]} to {values[0].shape[0]}")
+                raise InputError(f"layer {name!r} changed its channel count from {previous[0].shape[0]} to {values[0].shape[0]}")
             self._sums[name] = values if previous is None else self._combine(previous, values)
         self.images += int(batch or 0)
 
     def merge(self, other: StatisticsAccumulator) -> None:
         """Fold another accumulator (e.g. another rank's) into this one."""
         if (other.heatmap_size, other.planes, other.estimator) != (self.heatmap_size, self.planes, self.estimator):
-            raise ValueError("cannot merge accumulators with different heatmap size, planes or estimator")
+            raise InputError("cannot merge accumulators with different heatmap size, planes or estimator")
         for name, values in other._sums.items():
             mine = self._sums.get(name)
             self._sums[name] = [v.clone() for v in values] if mine is None else self._combine(mine, values)
@@ -125,7 +147,7 @@ class StatisticsAccumulator:
     def compute(self) -> dict[str, LayerStatistics]:
         """Final statistics per layer; raises if nothing was accumulated."""
         if self.images == 0 or not self._sums:
-            raise ValueError("no clean images were seen: give fit_statistics at least one batch")
+            raise InputError("no clean images were seen: give fit_statistics at least one batch")
         result = {}
         for name, values in self._sums.items():
             if self.estimator == "reference":

@@ -98,13 +98,13 @@ def collate_detection(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 class LetterboxedDetection(Dataset):
-    """A detection dataset letterboxed to a fixed ``size`` (H = W), boxes mapped into that frame.
+    """A detection dataset letterboxed to a fixed ``size`` (an int for H = W, or (H, W)), boxes mapped into that frame.
 
     Items keep ``target`` (boxes in letterboxed pixels) and add ``letterbox`` (the geometry, to map
     predictions back to the original image).
     """
 
-    def __init__(self, dataset: Dataset, size: int = 640) -> None:
+    def __init__(self, dataset: Dataset, size: int | tuple[int, int] = 640) -> None:
         self.dataset, self.size = dataset, size
 
     def __len__(self) -> int:

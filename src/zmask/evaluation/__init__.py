@@ -1,14 +1,18 @@
-"""Evaluation: baselines, the common defense interface, fitting, experiment runner and reports."""
+"""Evaluation: baselines, the defense registry, fitting, experiment runner and reports."""
 
+from ..contracts import DefenseResult, FitContext
 from .baselines import CoverageScore, HyperNeuronScore, LGSConfig, MaskNet, local_gradient_smoothing, train_masknet
-from .defenses import DefenseResult, LGSDefense, MaskNetDefense, NoDefense, ScoreDefense, ZMaskDefense
+from .defenses import (DEFENSES, CoverageDefense, HyperNeuronDefense, LGSDefense, MaskNetDefense, NoDefense, ScoreDefense, ZMaskDefense,
+                       report_rows)
 from .experiments import ExperimentSpec, run_experiments
-from .lineup import DEFENSE_NAMES, build_defenses, deepest_layer
 from .fitting import FitPlan, fit_zmask, layer_separability, patched_batches
-from .runner import PatchSetting, evaluate, place_patches
+from ..core.capture import deepest_layer
+from .lineup import build_defenses, fit_context
+from .runner import PatchSetting, evaluate, first_output, place_patches
 
 __all__ = [
-    "DEFENSE_NAMES", "CoverageScore", "DefenseResult", "ExperimentSpec", "FitPlan", "HyperNeuronScore", "LGSConfig", "LGSDefense", "MaskNet",
-    "MaskNetDefense", "NoDefense", "PatchSetting", "ScoreDefense", "ZMaskDefense", "build_defenses", "deepest_layer", "evaluate", "fit_zmask", "layer_separability",
-    "local_gradient_smoothing", "patched_batches", "place_patches", "run_experiments", "train_masknet",
+    "DEFENSES", "CoverageDefense", "CoverageScore", "DefenseResult", "ExperimentSpec", "FitContext", "FitPlan", "HyperNeuronDefense",
+    "HyperNeuronScore", "LGSConfig", "LGSDefense", "MaskNet", "MaskNetDefense", "NoDefense", "PatchSetting", "ScoreDefense", "ZMaskDefense",
+    "build_defenses", "deepest_layer", "evaluate", "first_output", "fit_context", "fit_zmask", "layer_separability", "local_gradient_smoothing",
+    "patched_batches", "place_patches", "report_rows", "run_experiments", "train_masknet",
 ]

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset
 
-from .. import __version__
+from .._version import __version__
+from ..contracts import Defense, Task
 from ..defense import ZMask
-from .defenses import DefenseResult, NoDefense, ScoreDefense, ZMaskDefense
+from .defenses import NoDefense, ZMaskDefense, report_rows
 from .report import examples_figure, fmt, markdown_table, roc_figure, sweep_figure, write_json
 from .runner import PatchSetting, evaluate, place_patches
 
@@ -36,11 +36,9 @@ class ExperimentSpec:
     examples: int = 2
 
 
-def _metric_key(task) -> str:
-    return "miou" if task.name == "segmentation" else "map"
-
-
 def _auc(clean: list[float], patched: list[float]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
     if not clean or not patched:
         return None
     return float(roc_auc_score([0] * len(clean) + [1] * len(patched), clean + patched))
@@ -50,7 +48,7 @@ class _SettingCache:
     """Evaluates each distinct patch once: a patch that appears in several experiments (the L patch is
     also beta = 1 and alpha = 1) reuses its metrics, since placements depend only on seed and image."""
 
-    def __init__(self, task: Any, dataset: Dataset, spec: ExperimentSpec, progress: bool) -> None:
+    def __init__(self, task: Task, dataset: Dataset, spec: ExperimentSpec, progress: bool) -> None:
         self.task, self.dataset, self.spec, self.progress = task, dataset, spec, progress
         self.done: dict[str, dict[str, Any]] = {}
 
@@ -60,8 +58,9 @@ class _SettingCache:
             return "no patch"
         return hashlib.sha256(setting.patch.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(setting.patch.shape))
 
-    def run(self, settings: Sequence[PatchSetting], defenses: Sequence[Any]) -> dict[str, dict[str, Any]]:
-        names = [d.name for d in defenses] + [o.name for d in defenses for o in getattr(d, "observers", [])]
+    def run(self, settings: Sequence[PatchSetting], defenses: Sequence[Defense]) -> dict[str, dict[str, Any]]:
+        """metrics[setting][row] for every row the defenses produce (their own and their observers')."""
+        names = [row for d in defenses for row in report_rows(d)]
         todo = [s for s in settings if not set(names) <= set(self.done.get(self._key(s), {}))]
         unique = list({self._key(s): s for s in todo}.values())
         if unique:
@@ -72,18 +71,23 @@ class _SettingCache:
 
 
 def run_experiments(
-    task: Any, dataset: Dataset, zmask: ZMask, spec: ExperimentSpec, masking_defenses: Sequence[Any], detectors: Sequence[Any],
+    task: Task, dataset: Dataset, zmask: ZMask, spec: ExperimentSpec, masking_defenses: Sequence[Defense], detectors: Sequence[Defense],
     output: str | Path, configuration: dict[str, Any] | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Run everything in ``spec`` and write ``results.json``, ``summary.md`` and figures into ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    key = _metric_key(task)
-    results: dict[str, Any] = {"metric": key, "experiment": spec.name}
+    key = task.metric_key
+    # Defenses that run a forward pass of their own; the others observe one (``report_rows``).
+    all_defenses = list({d.name: d for d in list(masking_defenses) + [d for d in detectors if not getattr(d, "observes_undefended", False)]}.values())
+    results: dict[str, Any] = {
+        "metric": key, "experiment": spec.name,
+        "defenses": {row: {"masks": d.masks if row == d.name else False, "detects": d.detects if row == d.name else True}
+                     for d in all_defenses for row in report_rows(d)},
+    }
     # Table 1: task metric under each patch setting, for each masking defense.
     settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
-    all_defenses = list({d.name: d for d in list(masking_defenses) + [d for d in detectors if not isinstance(d, ScoreDefense)]}.values())
     cache = _SettingCache(task, dataset, spec, progress)
     table = cache.run(settings, all_defenses)
     results["masking"] = {s: {d: m.summary() for d, m in row.items()} for s, row in table.items()}
@@ -117,8 +121,7 @@ def run_experiments(
     # Fig. 9: defense-aware attacks against alpha.
     if spec.alpha_patches:
         alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
-        zmask_only = [d for d in all_defenses if d.name in ("zmask", "none", "masknet")]
-        sweep = cache.run(alpha_settings, zmask_only)
+        sweep = cache.run(alpha_settings, [d for d in all_defenses if d.masks])
         results["alpha_sweep"] = {s: {d: m.summary() for d, m in row.items()} for s, row in sweep.items()}
         for attack in sorted({a for a, _ in spec.alpha_patches}):
             alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
@@ -128,16 +131,16 @@ def run_experiments(
             sweep_figure(output / f"alpha_{attack}.png", alphas, series, "alpha", f"{key} / TPR", f"{attack}-attack vs alpha")
     # Fig. 6: clean / attacked / attacked + defended examples.
     if spec.examples and spec.patches:
-        examples_figure(output / "examples.png", _examples(task, dataset, zmask, spec), task.name)
+        examples_figure(output / "examples.png", _examples(dataset, zmask, spec), task)
     results["seconds"] = time.time() - started
     meta = {"zmask_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "seed": spec.seed, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.threshold}
     write_json(output / "results.json", {"meta": meta, "results": results})
-    (output / "summary.md").write_text(summary_markdown(results, [d.name for d in all_defenses], meta))
+    (output / "summary.md").write_text(summary_markdown(results, meta))
     return results
 
 
-def _examples(task, dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[str, Any]]:
+def _examples(dataset: Dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[str, Any]]:
     name, patch = list(spec.patches.items())[-1]
     rows = []
     for index in range(min(spec.examples, len(dataset))):
@@ -146,18 +149,18 @@ def _examples(task, dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[st
         with torch.no_grad():
             clean_out = NoDefense(zmask.model)(image).output
             attacked_out = NoDefense(zmask.model)(attacked).output
-            defended: DefenseResult = ZMaskDefense(zmask)(attacked)
-        masked = zmask.apply_mask(attacked, 1 - defended.mask) if defended.flagged is not None and bool(defended.flagged[0]) else attacked
+            defended = ZMaskDefense(zmask)(attacked)
         rows.append({"panels": [("clean", image[0], clean_out[0]), (f"attacked ({name})", attacked[0], attacked_out[0]),
-                                ("attacked + Z-Mask", masked[0], defended.output[0])]})
+                                ("attacked + Z-Mask", defended.masked_images[0], defended.output[0])]})
     return rows
 
 
-def summary_markdown(results: dict[str, Any], defenses: list[str], meta: dict[str, Any]) -> str:
+def summary_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The paper's table layouts in Markdown; columns are every evaluated defense (``results["defenses"]``)."""
     key = results["metric"]
     lines = [f"# {results['experiment']}", "", f"zmask {meta['zmask_version']}, torch {meta['torch']}, seed {meta['seed']}, lambda0 {meta['threshold']}", ""]
     masking = results["masking"]
-    masking_defenses = [d for d in ("zmask", "masknet", "lgs", "none") if d in defenses]
+    masking_defenses = [d for d, kind in results["defenses"].items() if kind["masks"]]
     lines += [f"## Masking ({key}; patch pixels ignored; columns as the paper's Table 1)", "",
               markdown_table(list(masking), masking_defenses, lambda r, c: fmt(masking[r].get(c, {}).get(key))), ""]
     lines += ["## Patch-masking IoU (predicted vs true patch pixels)", "",

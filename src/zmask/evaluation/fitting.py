@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -16,7 +15,9 @@ from ..config import ZMaskConfig
 from ..core.capture import ActivationCapture
 from ..core.fusion import FusionTraining
 from ..core.refinement import LayerRefiner
+from ..core.statistics import resize_nearest
 from ..defense import ZMask
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
     stays clean (empty mask) with probability ``clean_share``; the dataset is gone through
     ``placements`` times with fresh draws. Deterministic for a seed."""
     if placements < 1:
-        raise ValueError(f"placements={placements} must be at least 1")
+        raise ConfigError(f"placements={placements} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     batches = []
     order = [index for _ in range(placements) for index in range(len(dataset))]
@@ -93,6 +94,8 @@ def layer_separability(
     model: torch.nn.Module, layers: Sequence[str], config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
     batch_size: int = 8, progress: bool = True,
 ) -> dict[str, dict[str, float]]:
+    from sklearn.metrics import roc_auc_score
+
     """Evidence for choosing S and D: per candidate layer, how well its own SPR heatmap separates
     clean from patched images (ROC AUC of the heatmap maximum) and how much brighter it is inside
     the patch than outside (ratio of means)."""
@@ -110,7 +113,7 @@ def layer_separability(
                 heatmap = refiner.heatmaps(capture.activations[layer], defense.statistics[layer], {"S": config.shallow_kernels})["S"]
                 peaks[layer][kind] += heatmap.flatten(1).amax(1).tolist()
                 if masks is not None:
-                    inside = torch.nn.functional.interpolate(masks, size=heatmap.shape[-2:], mode="nearest") > 0.5
+                    inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
                     mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
                     mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
                     contrast[layer] += (mean_in / mean_out.clamp(min=1e-9)).tolist()

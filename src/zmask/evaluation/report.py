@@ -1,4 +1,8 @@
-"""Reports: machine-readable JSON, a Markdown summary with the paper's table layouts, and figures."""
+"""Reports: machine-readable JSON, a Markdown summary with the paper's table layouts, and figures.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with the Agg canvas on
+their own: matplotlib is imported only when a figure is made, and its global backend is never touched.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-PALETTE_CAMVID = np.array([
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
-], dtype=np.uint8)
+from ..contracts import Task
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -43,9 +39,20 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    return figure, axes
+
+
 def roc_figure(path: Path, curves: dict[str, tuple[list[float], list[float]]], title: str) -> None:
     """ROC curves: name -> (clean scores, patched scores)."""
-    figure, axis = plt.subplots(figsize=(4.5, 4))
+    from sklearn.metrics import roc_curve
+
+    figure, axes = _figure(4.5, 4)
+    axis = axes[0, 0]
     for name, (clean, patched) in curves.items():
         if not clean or not patched:
             continue
@@ -56,11 +63,11 @@ def roc_figure(path: Path, curves: dict[str, tuple[list[float], list[float]]], t
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def sweep_figure(path: Path, xs: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
-    figure, axis = plt.subplots(figsize=(5, 3.6))
+    figure, axes = _figure(5, 3.6)
+    axis = axes[0, 0]
     for name, ys in series.items():
         axis.plot(xs, ys, marker="o", label=name)
     axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -68,30 +75,18 @@ def sweep_figure(path: Path, xs: list[float], series: dict[str, list[float]], xl
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
-def colorize(prediction: torch.Tensor) -> np.ndarray:
-    index = prediction.clamp(0, len(PALETTE_CAMVID) - 1).numpy()
-    return PALETTE_CAMVID[index]
-
-
-def examples_figure(path: Path, rows: list[dict[str, Any]], task: str, names: list[str] | None = None) -> None:
-    """The paper's Fig. 6 layout: columns clean / attacked / attacked + defended; input above, prediction below."""
-    figure, axes = plt.subplots(2 * len(rows), 3, figsize=(9, 3.2 * len(rows)), squeeze=False)
+def examples_figure(path: Path, rows: list[dict[str, Any]], task: Task) -> None:
+    """The paper's Fig. 6 layout: columns clean / attacked / attacked + defended; input above, the
+    prediction (drawn by ``task.render``) below."""
+    figure, axes = _figure(9, 3.2 * len(rows), 2 * len(rows), 3)
     for r, row in enumerate(rows):
         for c, (label, image, output) in enumerate(row["panels"]):
             axes[2 * r, c].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
             axes[2 * r, c].set_title(label, fontsize=9)
-            if task == "segmentation":
-                axes[2 * r + 1, c].imshow(colorize(output.argmax(0) if output.dim() == 3 else output))
-            else:
-                axes[2 * r + 1, c].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-                keep = output["scores"] > 0.25
-                for (x1, y1, x2, y2) in output["boxes"][keep].tolist():
-                    axes[2 * r + 1, c].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", linewidth=1))
+            task.render(axes[2 * r + 1, c], image, output)
             for axis in (axes[2 * r, c], axes[2 * r + 1, c]):
                 axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..attacks import EOTConfig, apply_patch
+from ..contracts import Defense, Task
 from ..distributed import all_gather_objects, shard
-from ..models.yolov5 import scale_boxes
-from ..tasks import ConfusionMatrix
 
 
 @dataclass
@@ -47,14 +46,6 @@ class DefenseMetrics:
         return result
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {"image": torch.stack([item["image"] for item in items]), "index": [item["index"] for item in items]}
-    for key in ("label", "target", "letterbox"):
-        if key in items[0]:
-            out[key] = torch.stack([item[key] for item in items]) if key == "label" else [item[key] for item in items]
-    return out
-
-
 class _Indexed(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -78,24 +69,27 @@ def place_patches(images: torch.Tensor, patch: torch.Tensor, indices: Sequence[i
 
 
 def evaluate(
-    task: Any,
+    task: Task,
     dataset: Dataset,
     settings: Sequence[PatchSetting],
-    defenses: Sequence[Any],
+    defenses: Sequence[Defense],
     seed: int = 0,
     batch_size: int = 4,
     progress: bool = True,
     keep_examples: int = 0,
 ) -> tuple[dict[str, dict[str, DefenseMetrics]], list[dict[str, Any]]]:
-    """Run every defense under every setting; returns metrics[setting][defense] and example images."""
+    """Run every defense under every setting; returns metrics[setting][defense] and example images.
+
+    Rows are the defenses' names and the names of the detectors that observed their forward pass
+    (``DefenseResult.extra``).
+    """
     indexed = shard(_Indexed(dataset))
     results: dict[str, dict[str, DefenseMetrics]] = {}
     examples: list[dict[str, Any]] = []
     for setting in settings:
-        observers = [o.name for d in defenses for o in getattr(d, "observers", [])]
-        metrics = {name: DefenseMetrics() for name in [d.name for d in defenses] + observers}
+        metrics = {defense.name: DefenseMetrics() for defense in defenses}
         accumulators = {defense.name: task.metric() for defense in defenses}
-        loader = DataLoader(indexed, batch_size=batch_size, collate_fn=_collate)
+        loader = DataLoader(indexed, batch_size=batch_size, collate_fn=task.collate)
         for batch in tqdm(loader, desc=setting.name, disable=not progress):
             images = batch["image"]
             if setting.patch is not None:
@@ -105,7 +99,7 @@ def evaluate(
             for defense in defenses:
                 with torch.no_grad():
                     result = defense(images)
-                _update(task, accumulators[defense.name], result.output, batch, masks)
+                task.update_metric(accumulators[defense.name], result.output, batch, masks)
                 record = metrics[defense.name]
                 if result.score is not None:
                     record.scores += result.score.float().cpu().tolist()
@@ -114,38 +108,18 @@ def evaluate(
                 if result.mask is not None and setting.patch is not None:
                     record.mask_iou += _iou(result.mask, masks)
                 for name, (score, flagged) in result.extra.items():
-                    metrics[name].scores += score.float().cpu().tolist()
+                    observed = metrics.setdefault(name, DefenseMetrics())
+                    observed.scores += score.float().cpu().tolist()
                     if flagged is not None:
-                        metrics[name].flagged += flagged.cpu().tolist()
+                        observed.flagged += flagged.cpu().tolist()
                 if len(examples) < keep_examples and setting.patch is not None:
-                    examples.append({"setting": setting.name, "defense": defense.name, "image": images[0], "output": _first(result.output), "mask": masks[0]})
+                    examples.append({"setting": setting.name, "defense": defense.name, "image": images[0], "output": first_output(result.output), "mask": masks[0]})
         for name, record in metrics.items():
             if name in accumulators:
-                record.task = _compute(task, accumulators[name])
+                record.task = accumulators[name].compute()
             record.scores, record.flagged, record.mask_iou = (all_gather_objects(v) for v in (record.scores, record.flagged, record.mask_iou))
         results[setting.name] = metrics
     return results, examples
-
-
-def _update(task, accumulator, output, batch, masks) -> None:
-    if task.name == "segmentation":
-        accumulator.update(task.predict(output).cpu(), batch["label"], ignore_mask=masks[:, 0] > 0.5)
-        return
-    mapped = []
-    for detections, geometry in zip(output, batch["letterbox"]):
-        detections = dict(detections)
-        detections["boxes"] = scale_boxes(detections["boxes"].detach().cpu(), geometry)
-        mapped.append(detections)
-    accumulator.update([target["image_id"] for target in batch["target"]], mapped)
-
-
-def _compute(task, accumulator) -> dict[str, Any]:
-    if isinstance(accumulator, ConfusionMatrix):
-        accumulator.all_reduce()
-        result = accumulator.compute()
-        return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
-    result = accumulator.compute()
-    return {"map": result["map"], "ap50": result["ap50"]}
 
 
 def _iou(predicted: torch.Tensor, true: torch.Tensor) -> list[float]:
@@ -155,7 +129,8 @@ def _iou(predicted: torch.Tensor, true: torch.Tensor) -> list[float]:
     return (intersection / union.clamp(min=1)).tolist()
 
 
-def _first(output: Any) -> Any:
+def first_output(output: Any) -> Any:
+    """The first image's entry of a batched task output (a tensor's first row, a list's first dict), on the CPU."""
     if isinstance(output, torch.Tensor):
         return output[0].detach().cpu()
-    return {k: v.detach().cpu() for k, v in output[0].items()}
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in output[0].items()}

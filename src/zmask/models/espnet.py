@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..assets import asset_path
-from ..errors import AssetError
+from ..errors import AssetError, ZMaskError
 
 _BN_EPS = 1e-3
 
@@ -154,7 +154,7 @@ class ESPNet(nn.Module):
     def __init__(self, classes: int, skip: str = "b1") -> None:
         super().__init__()
         if skip not in ("b1", "level1"):
-            raise ValueError(f"skip must be 'b1' (CamVid) or 'level1' (Cityscapes), got {skip!r}")
+            raise ZMaskError(f"skip must be 'b1' (CamVid) or 'level1' (Cityscapes), got {skip!r}")
         self.skip = skip
         self.encoder = ESPNetEncoder(classes)
         self.level3_C = ConvUnit(128 + 3, classes, 1, 1)
@@ -167,7 +167,7 @@ class ESPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 8 or x.shape[-1] % 8:
-            raise ValueError(f"ESPNet needs input height and width that are multiples of 8, got {tuple(x.shape[-2:])}")
+            raise ZMaskError(f"ESPNet needs input height and width that are multiples of 8, got {tuple(x.shape[-2:])}")
         enc = self.encoder
         output0 = enc.level1(x)
         inp1, inp2 = enc.sample1(x), enc.sample2(x)
@@ -267,7 +267,7 @@ def load_state_dict_file(path, description: str) -> dict[str, torch.Tensor]:
 def espnet(dataset: str = "camvid", pretrained: bool = True, weights_path=None, download: bool = False) -> ESPNetSegmenter:
     """Build ESPNet for ``dataset`` ('camvid' or 'cityscapes'), with the published weights if ``pretrained``."""
     if dataset not in ESPNET_VARIANTS:
-        raise ValueError(f"unknown ESPNet variant {dataset!r}; choose one of {sorted(ESPNET_VARIANTS)}")
+        raise ZMaskError(f"unknown ESPNet variant {dataset!r}; choose one of {sorted(ESPNET_VARIANTS)}")
     variant = ESPNET_VARIANTS[dataset]
     model = ESPNetSegmenter(variant)
     if pretrained or weights_path is not None:

@@ -1,26 +1,89 @@
-"""Model presets: how to build each supported model and which layers Z-Mask reads in it."""
+"""Model presets: how to build each supported model, which layers Z-Mask reads in it, and the data,
+preprocessing and task that go with it. Found by name in :data:`PRESETS` (``register_preset``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import ZMaskConfig
+from ..contracts import Task
+from ..errors import ZMaskError
+from ..registry import Registry
+from ..tasks import TASKS, DetectionTask, SegmentationTask
 from .espnet import ESPNET_VARIANTS, espnet
 from .torchvision_models import build_detector, build_segmenter
-from .yolov5 import yolov5n
+from .yolov5 import letterbox, yolov5n
 
 MASK_DILATION = 8
+
+DatasetFactory = Callable[[str, "int | None", "str | Path | None"], Dataset]
+TaskFactory = Callable[["ModelPreset", nn.Module, str, "str | Path | None"], Task]
+
+
+def _resize_to_input(preset: ModelPreset, image: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """Bilinear resize to the preset's input size (segmentation presets)."""
+    if tuple(image.shape[1:]) == tuple(preset.input_size):
+        return image, None
+    resized = F.interpolate(image[None], size=preset.input_size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    return resized, f"resized to {preset.input_size[0]}x{preset.input_size[1]}"
+
+
+def _letterbox_to_input(preset: ModelPreset, image: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """Letterbox to the preset's input size (detection presets)."""
+    boxed, _ = letterbox(image, tuple(preset.input_size), auto=False)
+    return boxed, "letterboxed"
+
+
+def _segmentation_task(preset: ModelPreset, model: nn.Module, split: str, root: str | Path | None) -> Task:
+    return SegmentationTask(model, preset.num_classes, preset.ignore_index, preset.class_names)
+
+
+def _coco_paths(split: str, root: str | Path | None) -> tuple[Path, Path]:
+    from ..assets import asset_path
+
+    folder = Path(root) if root else asset_path("coco_tiny")
+    year_split = {"train": "train2017", "val": "val2017"}.get(split, split)
+    return folder / year_split, folder / "annotations" / f"instances_{year_split}.json"
+
+
+def _coco_task(preset: ModelPreset, model: nn.Module, split: str, root: str | Path | None) -> Task:
+    return DetectionTask(model, _coco_paths(split, root)[1])
+
+
+def _camvid(split: str, limit: int | None, root: str | Path | None) -> Dataset:
+    from ..assets import asset_path
+    from ..data import CamVid
+
+    return CamVid(root or asset_path("camvid"), split, limit=limit)
+
+
+def _coco_letterboxed(size: tuple[int, int]) -> DatasetFactory:
+    def build(split: str, limit: int | None, root: str | Path | None) -> Dataset:
+        from ..data import CocoDetection, LetterboxedDetection
+
+        images, annotations = _coco_paths(split, root)
+        return LetterboxedDetection(CocoDetection(images, annotations, limit=limit), size)
+
+    return build
 
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """A known model: its task, builder, input size and candidate shallow/deep layers.
+    """A known model: builder, task, input size, Z-Mask layers, and its data.
 
-    ``build(pretrained)`` returns the model in its wrapper (RGB in [0, 1] in). Layer names are
-    relative to that wrapper, ready for :class:`zmask.ZMaskConfig`.
+    ``build(pretrained)`` returns the model in its wrapper (:class:`~zmask.contracts.ModelWrapper`:
+    RGB in [0, 1] in). Layer names are relative to that wrapper, ready for
+    :class:`zmask.ZMaskConfig`. ``task`` names a registered task (``zmask.tasks.TASKS``);
+    ``datasets`` builds the preset's data (split, limit, root folder), ``make_task`` its task
+    object, ``prepare`` maps an arbitrary image to the model's input (resize or letterbox).
     """
 
     name: str
@@ -36,20 +99,60 @@ class ModelPreset:
     class_names: tuple[str, ...] = ()
     pretrained_source: str = ""
     config_overrides: tuple[tuple[str, object], ...] = ()
+    datasets: DatasetFactory | None = None
+    make_task: TaskFactory = _segmentation_task
+    prepare: Callable[[ModelPreset, torch.Tensor], tuple[torch.Tensor, str | None]] = _resize_to_input
+    train_split: str = "train"
+    eval_split: str = "val"
 
-    def config(self, **overrides) -> ZMaskConfig:
+    @property
+    def task_type(self) -> type[Task]:
+        return TASKS.get(self.task)
+
+    def config(self, **overrides: Any) -> ZMaskConfig:
         """The paper's setting scaled to this model's input and heatmap size, with the preset's own
         choices (``config_overrides``) and then the caller's ``overrides`` applied."""
-        builder = ZMaskConfig.for_segmentation if self.task == "segmentation" else ZMaskConfig.for_detection
-        base = builder(self.shallow_layers, self.deep_layers, self.input_size, heatmap_size=self.heatmap_size)
+        base = self.task_type.paper_config(self.shallow_layers, self.deep_layers, self.input_size, heatmap_size=self.heatmap_size)
         return base.replace(**{**dict(self.config_overrides), **overrides})
 
+    def dataset(self, split: str, limit: int | None = None, root: str | Path | None = None) -> Dataset:
+        """The preset's dataset split at its input size (``root``: another copy of the same layout)."""
+        if self.datasets is None:
+            raise ZMaskError(f"preset {self.name!r} has no dataset of its own; pass a data folder (--data)")
+        return self.datasets(split, limit, root)
 
-def _espnet_preset(dataset: str) -> ModelPreset:
+    def task_for(self, model: nn.Module, split: str | None = None, root: str | Path | None = None) -> Task:
+        """The task object (attack objective, metric) for ``model`` on ``split`` of the preset's data."""
+        return self.make_task(self, model, split or self.eval_split, root)
+
+    def prepare_image(self, image: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        """(model input, a note on what was done or None) for a 3 x H x W image in [0, 1]."""
+        return self.prepare(self, image)
+
+    def patch_size(self, size: str) -> tuple[int, int]:
+        """(height, width) of the paper's S/M/L patch scaled to this preset's input."""
+        from ..attacks.sizes import patch_size
+
+        return patch_size(self.task_type, size, self.input_size)
+
+
+PRESETS: Registry[ModelPreset] = Registry("model preset")
+
+
+def register_preset(preset: ModelPreset) -> ModelPreset:
+    """Make ``preset`` available by its name (``zmask --model NAME``, :func:`get_preset`)."""
+    return PRESETS.register(preset.name)(preset)
+
+
+def get_preset(name: str) -> ModelPreset:
+    return PRESETS.get(name)
+
+
+def _espnet_preset(dataset: str, datasets: DatasetFactory | None) -> ModelPreset:
     variant = ESPNET_VARIANTS[dataset]
     height, width = variant.input_size
     return ModelPreset(
-        f"espnet_{dataset}", "segmentation", f"ESPNet p=2 q=8 trained on {dataset} (project definition, upstream weights)",
+        f"espnet_{dataset}", SegmentationTask.name, f"ESPNet p=2 q=8 trained on {dataset} (project definition, upstream weights)",
         lambda pretrained: espnet(dataset, pretrained=pretrained), variant.input_size,
         # Chosen by per-layer separability on CamVid train with beta = 0.5 patches (README, "Layer
         # choice"): the 1/2, 1/4 and 1/8 resolution blocks that localise best as S; with the
@@ -62,20 +165,22 @@ def _espnet_preset(dataset: str) -> ModelPreset:
         # pooling (our fusion block is trained, so the authors' stretch is not needed), the
         # dataset's mean colour as fill (as the authors' demo), and a dilated mask.
         (("pooling", "same"), ("fill_value", tuple(v / 255 for v in reversed(variant.mean_bgr))), ("mask_dilation", MASK_DILATION)),
+        datasets=datasets,
     )
 
 
 def _detector_preset(name: str, input_size, shallow, deep, description) -> ModelPreset:
     return ModelPreset(
-        name, "detection", description, lambda pretrained: build_detector(name, pretrained), input_size,
+        name, DetectionTask.name, description, lambda pretrained: build_detector(name, pretrained), input_size,
         tuple(f"model.{layer}" for layer in shallow), tuple(f"model.{layer}" for layer in deep),
         (input_size[0] // 2, input_size[1] // 2), pretrained_source="torchvision weights enum (downloads)",
+        datasets=_coco_letterboxed(input_size), make_task=_coco_task, prepare=_letterbox_to_input,
     )
 
 
 def _segmenter_preset(name: str, shallow, deep, description) -> ModelPreset:
     return ModelPreset(
-        name, "segmentation", description, lambda pretrained: build_segmenter(name, pretrained), (512, 1024),
+        name, SegmentationTask.name, description, lambda pretrained: build_segmenter(name, pretrained), (512, 1024),
         tuple(f"model.{layer}" for layer in shallow), tuple(f"model.{layer}" for layer in deep), (128, 256), 21, 255,
         pretrained_source="torchvision weights enum (downloads)",
     )
@@ -84,43 +189,34 @@ def _segmenter_preset(name: str, shallow, deep, description) -> ModelPreset:
 _RESNET_FPN_S = ("backbone.body.relu", "backbone.body.conv1", "backbone.body.layer1.0.conv1")
 _RESNET_FPN_D = ("backbone.body.conv1", "backbone.body.layer4", "backbone.body.layer1.0.conv1")
 
-PRESETS: dict[str, ModelPreset] = {
-    preset.name: preset
-    for preset in (
-        _espnet_preset("camvid"),
-        _espnet_preset("cityscapes"),
-        ModelPreset(
-            "yolov5n_coco", "detection", "YOLOv5n v6.1 on COCO (project definition, upstream weights)",
-            # COCO evaluation thresholds (the reference mAP protocol); draw with score > 0.25.
-            lambda pretrained: yolov5n(pretrained=pretrained, conf_threshold=0.001, iou_threshold=0.6, max_det=300), (640, 640),
-            # Per-layer separability on coco_tiny train: only the 1/4-resolution blocks separate
-            # patched from clean images (model.1 AUC 1.00, model.2 0.97); deep layers do not (< 0.6).
-            ("net.model.1", "net.model.2"), ("net.model.1", "net.model.2", "net.model.3"),
-            (320, 320), pretrained_source="asset yolov5n_coco",
-            # Not tuned: aligned pooling, and the letterbox grey as fill.
-            config_overrides=(("pooling", "same"), ("fill_value", 114 / 255)),
-        ),
-        # Spec section 3 (the paper's detectors).
-        _detector_preset("ssd300_vgg16", (320, 320), ("backbone.extra.0.3", "backbone.extra.0.1"),
-                         ("backbone.extra.0.3", "backbone.extra.0.5"), "SSD300-VGG16 (torchvision)"),
-        _detector_preset("retinanet_resnet50_fpn", (512, 640), _RESNET_FPN_S, _RESNET_FPN_D, "RetinaNet ResNet-50 FPN (torchvision)"),
-        _detector_preset("fasterrcnn_resnet50_fpn", (512, 640), _RESNET_FPN_S, _RESNET_FPN_D, "Faster R-CNN ResNet-50 FPN (torchvision)"),
-        # Chosen by analogy (early 1/2-1/4 resolution blocks; one deep block).
-        _detector_preset("ssdlite320_mobilenet_v3_large", (320, 320), ("backbone.features.0.0", "backbone.features.0.1", "backbone.features.0.2"),
-                         ("backbone.features.0.0", "backbone.features.1", "backbone.features.0.2"), "SSDlite320 MobileNetV3-Large (torchvision)"),
-        _segmenter_preset("fcn_resnet50", ("backbone.relu", "backbone.conv1", "backbone.layer1.0.conv1"),
-                          ("backbone.conv1", "backbone.layer4", "backbone.layer1.0.conv1"), "FCN ResNet-50 (torchvision)"),
-        _segmenter_preset("deeplabv3_resnet50", ("backbone.relu", "backbone.conv1", "backbone.layer1.0.conv1"),
-                          ("backbone.conv1", "backbone.layer4", "backbone.layer1.0.conv1"), "DeepLabV3 ResNet-50 (torchvision)"),
-        _segmenter_preset("lraspp_mobilenet_v3_large", ("backbone.0", "backbone.1", "backbone.2"),
-                          ("backbone.0", "backbone.16", "backbone.2"), "LR-ASPP MobileNetV3-Large (torchvision)"),
-    )
-}
-
-
-def get_preset(name: str) -> ModelPreset:
-    if name not in PRESETS:
-        from ..errors import ZMaskError
-
-        raise ZMaskError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+for _preset in (
+    _espnet_preset("camvid", _camvid),
+    _espnet_preset("cityscapes", None),
+    ModelPreset(
+        "yolov5n_coco", DetectionTask.name, "YOLOv5n v6.1 on COCO (project definition, upstream weights)",
+        # COCO evaluation thresholds (the reference mAP protocol); draw with score > 0.25.
+        lambda pretrained: yolov5n(pretrained=pretrained, conf_threshold=0.001, iou_threshold=0.6, max_det=300), (640, 640),
+        # Per-layer separability on coco_tiny train: only the 1/4-resolution blocks separate
+        # patched from clean images (model.1 AUC 1.00, model.2 0.97); deep layers do not (< 0.6).
+        ("net.model.1", "net.model.2"), ("net.model.1", "net.model.2", "net.model.3"),
+        (320, 320), pretrained_source="asset yolov5n_coco",
+        # Not tuned: aligned pooling, and the letterbox grey as fill.
+        config_overrides=(("pooling", "same"), ("fill_value", 114 / 255)),
+        datasets=_coco_letterboxed((640, 640)), make_task=_coco_task, prepare=_letterbox_to_input,
+    ),
+    # Spec section 3 (the paper's detectors).
+    _detector_preset("ssd300_vgg16", (320, 320), ("backbone.extra.0.3", "backbone.extra.0.1"),
+                     ("backbone.extra.0.3", "backbone.extra.0.5"), "SSD300-VGG16 (torchvision)"),
+    _detector_preset("retinanet_resnet50_fpn", (512, 640), _RESNET_FPN_S, _RESNET_FPN_D, "RetinaNet ResNet-50 FPN (torchvision)"),
+    _detector_preset("fasterrcnn_resnet50_fpn", (512, 640), _RESNET_FPN_S, _RESNET_FPN_D, "Faster R-CNN ResNet-50 FPN (torchvision)"),
+    # Chosen by analogy (early 1/2-1/4 resolution blocks; one deep block).
+    _detector_preset("ssdlite320_mobilenet_v3_large", (320, 320), ("backbone.features.0.0", "backbone.features.0.1", "backbone.features.0.2"),
+                     ("backbone.features.0.0", "backbone.features.1", "backbone.features.0.2"), "SSDlite320 MobileNetV3-Large (torchvision)"),
+    _segmenter_preset("fcn_resnet50", ("backbone.relu", "backbone.conv1", "backbone.layer1.0.conv1"),
+                      ("backbone.conv1", "backbone.layer4", "backbone.layer1.0.conv1"), "FCN ResNet-50 (torchvision)"),
+    _segmenter_preset("deeplabv3_resnet50", ("backbone.relu", "backbone.conv1", "backbone.layer1.0.conv1"),
+                      ("backbone.conv1", "backbone.layer4", "backbone.layer1.0.conv1"), "DeepLabV3 ResNet-50 (torchvision)"),
+    _segmenter_preset("lraspp_mobilenet_v3_large", ("backbone.0", "backbone.1", "backbone.2"),
+                      ("backbone.0", "backbone.16", "backbone.2"), "LR-ASPP MobileNetV3-Large (torchvision)"),
+):
+    register_preset(_preset)

@@ -20,6 +20,8 @@ from ..errors import ZMaskError
 class TorchvisionDetector(nn.Module):
     """A torchvision detection model with a tensor-batch interface and an attack objective."""
 
+    objectives: tuple[str, ...] = ("untargeted",)
+
     def __init__(self, model: nn.Module, fixed_size: bool = False) -> None:
         super().__init__()
         self.model = model

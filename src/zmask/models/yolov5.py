@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from ..assets import asset_path
-from ..errors import AssetError
+from ..errors import AssetError, ZMaskError
 from .espnet import load_state_dict_file
 
 # YOLO class index (0..79) -> COCO category id.
@@ -136,7 +136,7 @@ class YOLOv5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"YOLOv5 needs input height and width that are multiples of 32, got {tuple(x.shape[-2:])}; letterbox first")
+            raise ZMaskError(f"YOLOv5 needs input height and width that are multiples of 32, got {tuple(x.shape[-2:])}; letterbox first")
         outputs: list[torch.Tensor | None] = []
         for index, (layer, source) in enumerate(zip(self.model, self.sources)):
             if source != -1:
@@ -168,7 +168,7 @@ def _build(config: dict[str, Any]) -> tuple[list[nn.Module], list[Any], set[int]
         elif kind == "Detect":
             layer, c2 = Detect(nc, config["anchors"], inputs), 0
         else:
-            raise ValueError(f"unsupported YOLOv5 module {kind!r} in the configuration")
+            raise ZMaskError(f"unsupported YOLOv5 module {kind!r} in the configuration")
         layers.append(layer)
         sources.append(source)
         saved.update(s % (index + 1) for s in ([source] if isinstance(source, int) else source) if s != -1)
@@ -254,6 +254,8 @@ class YOLOv5Detector(nn.Module):
     Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``, e.g. ``net.model.2``.
     """
 
+    objectives: tuple[str, ...] = ("untargeted", "vanishing")
+
     def __init__(self, net: YOLOv5, names: list[str], conf_threshold: float = 0.25, iou_threshold: float = 0.45,
                  max_det: int = 1000, multi_label: bool = False) -> None:
         super().__init__()
@@ -283,7 +285,7 @@ class YOLOv5Detector(nn.Module):
         lowers COCO AP); ``vanishing``: mean log(1 - objectness), which suppresses the detections.
         """
         if kind not in ("untargeted", "vanishing"):
-            raise ValueError(f"unknown detection objective {kind!r}; use 'untargeted' or 'vanishing'")
+            raise ZMaskError(f"unknown detection objective {kind!r}; use 'untargeted' or 'vanishing'")
         decoded = self.net(images)[0]
         lookup = {coco: index for index, coco in enumerate(COCO80_TO_91)}
         terms = []
@@ -292,7 +294,7 @@ class YOLOv5Detector(nn.Module):
                 continue
             unknown = [int(l) for l in target["labels"] if int(l) not in lookup]
             if unknown:
-                raise ValueError(f"target labels {unknown} are not COCO category ids")
+                raise ZMaskError(f"target labels {unknown} are not COCO category ids")
             cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
             overlap, match = torchvision.ops.box_iou(boxes, target["boxes"].to(boxes)).max(1)

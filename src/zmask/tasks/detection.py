@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..contracts import AttackableDetector, WeightedTerm
 from ..distributed import all_gather_objects
 from ..errors import ZMaskError
+from .registry import register_task, stack_items
 
 
 class CocoEvaluator:
@@ -59,28 +62,83 @@ class CocoEvaluator:
         return {"map": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]), "images": len(image_ids)}
 
 
+@register_task
 class DetectionTask:
-    """Adapter for a detector in torchvision's format (B x 3 x H x W in [0, 1] -> list of dicts).
+    """Object detection: a detector in torchvision's format (B x 3 x H x W in [0, 1] -> list of
+    dicts). Dataset items carry ``target`` (``boxes`` xyxy in input pixels, ``labels`` COCO
+    category ids, ``image_id``) and, when the images were letterboxed, ``letterbox`` (the geometry
+    that maps predictions back to the original image for COCO scoring).
 
-    ``objective(images, targets, kind)`` is the differentiable quantity an attack maximises; it is
-    delegated to the model (``YOLOv5Detector.objective``, ``TorchvisionDetector.objective``).
-    Targets are dicts with ``boxes`` (xyxy, input pixels) and ``labels`` (COCO category ids).
+    The attack objective is the wrapper's own (:class:`~zmask.contracts.AttackableDetector`).
     """
 
-    name = "detection"
+    name: ClassVar[str] = "detection"
+    metric_key: ClassVar[str] = "map"
+    paper_patch_sizes: ClassVar = ((640, 640), {"L": (200, 200), "M": (150, 150), "S": (100, 100)})
+    objectives: ClassVar[tuple[str, ...]] = ("untargeted", "vanishing")
 
     def __init__(self, model: nn.Module, annotation_file: str | Path | None = None) -> None:
         self.model, self.annotation_file = model, annotation_file
 
+    @staticmethod
+    def paper_config(*args: Any, **kwargs: Any):
+        """The paper's COCO detection setting of Z-Mask (``ZMaskConfig.for_detection``)."""
+        from ..config import ZMaskConfig
+
+        return ZMaskConfig.for_detection(*args, **kwargs)
+
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         return self.model(images)
 
+    def collate(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return stack_items(items, ("image",), ("target", "letterbox"))
+
     def objective(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], kind: str = "untargeted") -> torch.Tensor:
-        if not hasattr(self.model, "objective"):
-            raise ZMaskError(f"{type(self.model).__name__} has no attack objective; wrap it with zmask.models.TorchvisionDetector")
+        """The wrapper's differentiable objective (to maximise)."""
+        if not isinstance(self.model, AttackableDetector):
+            raise ZMaskError(f"{type(self.model).__name__} offers no attack objective (see zmask.contracts.AttackableDetector); "
+                             "wrap it with zmask.models.TorchvisionDetector")
+        if kind not in self.model.objectives:
+            raise ZMaskError(f"{type(self.model).__name__} has no attack objective {kind!r}; use one of {self.model.objectives}")
         return self.model.objective(images, targets, kind)
+
+    def attack_terms(self, output: Any, batch: Mapping[str, Any], images: torch.Tensor, patch_masks: torch.Tensor,
+                     weight: float, objective: str = "untargeted") -> dict[str, WeightedTerm]:
+        targets = [{k: v.to(images.device) if torch.is_tensor(v) else v for k, v in target.items()} for target in batch["target"]]
+        return {"detection": (weight, -self.objective(images, targets, objective))}
 
     def metric(self) -> CocoEvaluator:
         if self.annotation_file is None:
             raise ZMaskError("detection metrics need a COCO annotation file")
         return CocoEvaluator(self.annotation_file)
+
+    def update_metric(self, accumulator: CocoEvaluator, output: list[dict[str, torch.Tensor]], batch: Mapping[str, Any],
+                      patch_masks: torch.Tensor) -> None:
+        """COCO scoring in original-image pixels (patch pixels cannot be left out of box metrics)."""
+        from ..models.yolov5 import scale_boxes
+
+        mapped = []
+        geometries = batch.get("letterbox") or [None] * len(output)
+        for detections, geometry in zip(output, geometries):
+            detections = dict(detections)
+            boxes = detections["boxes"].detach().cpu()
+            detections["boxes"] = scale_boxes(boxes, geometry) if geometry is not None else boxes
+            mapped.append(detections)
+        accumulator.update([target["image_id"] for target in batch["target"]], mapped)
+
+    def render(self, axis: Any, image: torch.Tensor, output: dict[str, torch.Tensor], min_score: float = 0.25) -> None:
+        from matplotlib.patches import Rectangle
+
+        axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        keep = output["scores"] > min_score
+        for x1, y1, x2, y2 in output["boxes"][keep].tolist():
+            axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", linewidth=1))
+
+    def overlay(self, image: torch.Tensor, output: list[dict[str, torch.Tensor]], min_score: float = 0.25) -> torch.Tensor:
+        from torchvision.utils import draw_bounding_boxes
+
+        detections = output[0]
+        keep = detections["scores"].detach().cpu() > min_score
+        pixels = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        drawn = draw_bounding_boxes(pixels, detections["boxes"].detach().cpu()[keep], colors="yellow", width=2)
+        return drawn.float() / 255

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contracts import WeightedTerm
 from ..distributed import all_reduce_sum
+from ..errors import InputError
+from .registry import register_task, stack_items
 
 
 @dataclass
@@ -35,7 +40,7 @@ class ConfusionMatrix:
     def update(self, prediction: torch.Tensor, label: torch.Tensor, ignore_mask: torch.Tensor | None = None) -> None:
         """Add a batch: ``prediction`` and ``label`` (B x H x W integer maps), ``ignore_mask`` (B x H x W, True = skip)."""
         if prediction.shape != label.shape:
-            raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
+            raise InputError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
         valid = (label >= 0) & (label < self.num_classes) & (label != self.ignore_index)
         if ignore_mask is not None:
             valid &= ~ignore_mask.bool().reshape(label.shape)
@@ -50,14 +55,16 @@ class ConfusionMatrix:
         self.counts += other.counts
 
     def all_reduce(self) -> None:
-        """Sum the counts across distributed ranks."""
+        """Sum the counts across distributed ranks (in place)."""
         self.counts = all_reduce_sum(self.counts.clone())
 
     def compute(self) -> dict[str, float | list[float]]:
-        """mIoU (mean over classes present in labels or predictions), pixel accuracy, per-class IoU."""
-        true_positive = self.counts[:, : self.num_classes].diagonal()
-        labelled = self.counts.sum(1)
-        predicted = self.counts[:, : self.num_classes].sum(0)
+        """mIoU (mean over classes present in labels or predictions), pixel accuracy, per-class IoU,
+        over the counts of every ``torch.distributed`` rank (the local counts are left as they are)."""
+        counts = all_reduce_sum(self.counts.clone())
+        true_positive = counts[:, : self.num_classes].diagonal()
+        labelled = counts.sum(1)
+        predicted = counts[:, : self.num_classes].sum(0)
         union = labelled + predicted - true_positive
         iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
         total = labelled.sum()
@@ -68,16 +75,66 @@ class ConfusionMatrix:
         }
 
 
+def segmentation_untargeted_terms(
+    logits: torch.Tensor, labels: torch.Tensor, patch_masks: torch.Tensor, num_classes: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Nesti et al.'s untargeted loss split: (L_nm, L_m, gamma), both sums to be maximised.
+
+    Omega: labelled pixels outside the patch; L_nm sums cross-entropy over the pixels of Omega
+    still classified correctly, L_m over the rest; gamma = |correct| / |Omega|.
+    """
+    labels = labels.long()
+    outside = patch_masks[:, 0] < 0.5
+    valid = outside & (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    cross_entropy = F.cross_entropy(logits, safe_labels, reduction="none")
+    correct = valid & (logits.argmax(1) == labels)
+    wrong = valid & ~correct
+    total = int(valid.sum())
+    gamma = float(correct.sum()) / total if total else 0.0
+    return (cross_entropy * correct).sum(), (cross_entropy * wrong).sum(), gamma
+
+
+PALETTE_CAMVID = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
+)
+
+
+def colorize(prediction: torch.Tensor, palette: Sequence[tuple[int, int, int]] = PALETTE_CAMVID) -> torch.Tensor:
+    """H x W class map -> H x W x 3 uint8 colours (classes past the palette take its last colour)."""
+    table = torch.tensor(palette, dtype=torch.uint8)
+    return table[prediction.long().clamp(0, len(palette) - 1)]
+
+
+@register_task
 class SegmentationTask:
-    """Adapter for a segmenter returning logits (B x K x H x W) at input resolution."""
+    """Semantic segmentation: a segmenter returning logits (B x K x H x W) at input resolution;
+    dataset items carry ``label`` (H x W class indices, ``ignore_index`` = unlabelled)."""
 
-    name = "segmentation"
+    name: ClassVar[str] = "segmentation"
+    metric_key: ClassVar[str] = "miou"
+    # (width, height) of the paper's patches at its 2048 x 1024 input, as (H, W) pairs here.
+    paper_patch_sizes: ClassVar = ((1024, 2048), {"L": (300, 600), "M": (200, 400), "S": (150, 300)})
+    objectives: ClassVar[tuple[str, ...]] = ("untargeted",)
 
-    def __init__(self, model: nn.Module, num_classes: int, ignore_index: int, class_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, ignore_index: int, class_names: tuple[str, ...] = (),
+                 ignore_prediction: int | None = None) -> None:
         self.model, self.num_classes, self.ignore_index, self.class_names = model, num_classes, ignore_index, class_names
+        self.ignore_prediction = ignore_prediction
+
+    @staticmethod
+    def paper_config(*args: Any, **kwargs: Any):
+        """The paper's segmentation setting of Z-Mask (``ZMaskConfig.for_segmentation``)."""
+        from ..config import ZMaskConfig
+
+        return ZMaskConfig.for_segmentation(*args, **kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def collate(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return stack_items(items, ("image", "label"))
 
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-pixel cross-entropy (B x H x W); ignored pixels get 0."""
@@ -86,9 +143,30 @@ class SegmentationTask:
         loss = F.cross_entropy(logits, torch.where(valid, labels, torch.zeros_like(labels)), reduction="none")
         return loss * valid
 
+    def attack_terms(self, output: torch.Tensor, batch: Mapping[str, Any], images: torch.Tensor, patch_masks: torch.Tensor,
+                     weight: float, objective: str = "untargeted") -> dict[str, WeightedTerm]:
+        """Nesti et al.'s untargeted attack: maximise the cross-entropy outside the patch, the pixels
+        still correct and the ones already wrong as two terms balanced by gamma (spec 4.2)."""
+        if objective not in self.objectives:
+            raise InputError(f"segmentation has no attack objective {objective!r}; use one of {self.objectives}")
+        labels = batch["label"].to(output.device)
+        correct, wrong, gamma = segmentation_untargeted_terms(output, labels, patch_masks, self.num_classes, self.ignore_index)
+        pixels = max(1, int(labels.numel()))
+        return {"ce_correct": (weight * gamma, -correct / pixels), "ce_wrong": (weight * (1.0 - gamma), -wrong / pixels)}
+
     @staticmethod
     def predict(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1)
 
     def metric(self, ignore_prediction: int | None = None) -> ConfusionMatrix:
-        return ConfusionMatrix(self.num_classes, self.ignore_index, ignore_prediction)
+        return ConfusionMatrix(self.num_classes, self.ignore_index, ignore_prediction if ignore_prediction is not None else self.ignore_prediction)
+
+    def update_metric(self, accumulator: ConfusionMatrix, output: torch.Tensor, batch: Mapping[str, Any], patch_masks: torch.Tensor) -> None:
+        accumulator.update(self.predict(output).cpu(), batch["label"], ignore_mask=patch_masks[:, 0].cpu() > 0.5)
+
+    def render(self, axis: Any, image: torch.Tensor, output: torch.Tensor) -> None:
+        axis.imshow(colorize(output.argmax(0) if output.dim() == 3 else output).numpy())
+
+    def overlay(self, image: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        colours = colorize(self.predict(output)[0].cpu()).permute(2, 0, 1).float() / 255
+        return 0.5 * image.detach().cpu().float() + 0.5 * colours

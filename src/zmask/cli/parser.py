@@ -1,24 +1,19 @@
-"""The ``zmask`` command line."""
+"""The ``zmask`` argument parser and ``--config`` files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from .._version import __version__
+from ..attacks import ADAPTIVE_OBJECTIVES
+from ..errors import UsageError
+from ..evaluation import DEFENSES
+from ..tasks import TASKS
 
-from . import __version__
-from .errors import ZMaskError
-
-EXIT_USAGE = 2
-
-
-class CommandError(ZMaskError):
-    """A user-facing error of the command line."""
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -26,14 +21,14 @@ def _load_config_file(path: str) -> dict[str, Any]:
 
     file = Path(path)
     if not file.is_file():
-        raise CommandError(f"configuration file {file} does not exist")
+        raise UsageError(f"configuration file {file} does not exist")
     text = file.read_text()
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise CommandError(f"configuration file {file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}") from None
+        raise UsageError(f"configuration file {file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
-        raise CommandError(f"configuration file {file} must hold a mapping of option names to values")
+        raise UsageError(f"configuration file {file} must hold a mapping of option names to values")
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
@@ -83,20 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draws per fusion / calibration image (clean or patched at a fresh place); > 1 stretches a small split")
     fit.add_argument("--epochs", type=int, default=40)
 
-    defend = command("defend", "run a fitted defense on images: masked images, masks, heatmaps, one JSON line per image")
-    defend.add_argument("inputs", nargs="+", help="image files or folders")
+    defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "
+                               "or frame; a defended video per video input")
+    defend.add_argument("inputs", nargs="+", help=f"image files, folders of images, or videos ({', '.join(VIDEO_SUFFIXES)})")
     required(defend, "--model", help="model preset the profile was fitted for")
     required(defend, "--profile", help="profile file from `zmask fit`")
     required(defend, "--out", help="output folder")
+    defend.add_argument("--frames", action="store_true", help="treat each input folder as the frames of one video, in name order")
+    defend.add_argument("--temporal-on", type=int, default=1, metavar="K",
+                        help="videos: raise the flag after K consecutive flagged frames (default 1: each frame on its own, Eq. 4)")
+    defend.add_argument("--temporal-off", type=int, default=0, metavar="K",
+                        help="videos: keep masking K frames after the last flagged one (default 0)")
+    defend.add_argument("--batch-size", type=int, default=1, help="videos: frames per forward pass (default 1)")
 
     attack = command("attack", "craft an adversarial patch (plain, activation-aware beta, or defense-aware alpha) -> PNG + JSON")
     required(attack, "--model", help="model preset")
     attack.add_argument("--size", default="L", choices=["S", "M", "L"], help="the paper's patch size, scaled to the input")
     attack.add_argument("--beta", type=float, default=1.0, help="Eq. 5 weight of the adversarial loss (1 = plain attack)")
     attack.add_argument("--alpha", type=float, default=1.0, help="Eq. 6 weight of the adversarial loss")
-    attack.add_argument("--defense-attack", choices=["mask", "flag"], help="defense-aware attack (needs --profile)")
+    attack.add_argument("--defense-attack", metavar="NAME",
+                        help=f"defense-aware attack objective (needs --profile): {', '.join(ADAPTIVE_OBJECTIVES.names())}")
     attack.add_argument("--profile", help="fitted Z-Mask profile (for beta < 1 or defense-aware attacks)")
-    attack.add_argument("--objective", default="untargeted", choices=["untargeted", "vanishing"], help="detection objective")
+    attack.add_argument("--objective", default="untargeted",
+                        help="the task's attack objective (" + "; ".join(f"{n}: {', '.join(TASKS.get(n).objectives)}" for n in TASKS.names()) + ")")
     attack.add_argument("--steps", type=int, default=150)
     attack.add_argument("--batch-size", type=int, default=8)
     attack.add_argument("--lr", type=float, default=0.03, help="Adam learning rate in [0, 1] pixel units")
@@ -116,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--beta-patch", action="append", default=[], metavar="BETA=PNG", help="a patch of the beta sweep (repeatable)")
     evaluate.add_argument("--alpha-patch", action="append", default=[], metavar="ATTACK:ALPHA=PNG", help="a defense-aware patch (repeatable)")
     evaluate.add_argument("--random-noise", action="store_true", help="add a random-noise patch of the L size")
-    evaluate.add_argument("--defenses", nargs="+", default=["zmask", "masknet", "lgs", "none", "hn", "fpda"])
+    evaluate.add_argument("--defenses", nargs="+", default=DEFENSES.names(),
+                          help=f"registered defenses to compare (default: all of {', '.join(DEFENSES.names())})")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--data")
@@ -143,52 +148,9 @@ def _apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace
     known = vars(args)
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise CommandError(f"unknown options in {args.config}: {', '.join(unknown)}")
+        raise UsageError(f"unknown options in {args.config}: {', '.join(unknown)}")
     given = {token.split("=")[0].lstrip("-").replace("-", "_") for token in argv if token.startswith("--")}
     for key, value in values.items():
         if key not in given:
             setattr(args, key, value)
     return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args = _apply_config_file(parser, args, argv)
-        missing = [name for name in args.__dict__.pop("required_options") if getattr(args, name) in (None, [])]
-        if missing:
-            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-            raise CommandError(f"{flags} must be given, on the command line or in the --config file")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from . import commands
-
-        return getattr(commands, f"run_{args.command}")(args) or 0
-    except (ZMaskError, ValueError, TypeError, FileNotFoundError, OSError) as error:
-        if getattr(args, "debug", False):
-            raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"zmask {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("zmask: interrupted", file=sys.stderr)
-        return 130
-
-
-def write_run_record(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> None:
-    """Record the full configuration, package version, seed and asset hashes in an output folder."""
-    from .assets import ASSETS, locate
-
-    folder.mkdir(parents=True, exist_ok=True)
-    used = {name: asset.sha256 for name, asset in ASSETS.items() if asset.sha256 and locate(name) is not None}
-    record = {
-        "command": args.command, "options": {k: v for k, v in vars(args).items() if k != "func"}, "zmask_version": __version__,
-        "torch": torch.__version__, "seed": args.seed, "asset_sha256": used, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
-    }
-    (folder / "run.json").write_text(json.dumps(record, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

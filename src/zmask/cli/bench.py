@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .core.boxfilter import box_filter
-from .defense import ZMask
-from .models import get_preset
+from ..core.boxfilter import box_filter
+from ..defense import ZMask
+from ..models import get_preset
 
 
 def _interleaved_best(functions, repeats: int) -> list[float]:
@@ -61,3 +61,8 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 5, quick: 
         "defended_flagged_ms": round(attacked_time * 1e3, 2),
         "images_per_second_clean": round(1 / defended_time, 2), "images_per_second_flagged": round(1 / attacked_time, 2),
     }
+
+
+def format_benchmarks(figures: dict[str, Any]) -> str:
+    """The figures as ``name: value`` lines."""
+    return "\n".join(f"{name}: {value}" for name, value in figures.items())

@@ -1,19 +1,19 @@
-"""Implementations of the ``zmask`` subcommands (argument parsing lives in :mod:`zmask.cli`)."""
+"""Implementations of the ``zmask`` subcommands (argument parsing lives in :mod:`zmask.cli.parser`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cli import CommandError, write_run_record
-
-PACKAGED_PATCHES = Path(__file__).parent / "patches"
+from ..errors import UsageError
+from .parser import VIDEO_SUFFIXES
+from .records import write_run_record
 
 
 def _print(args: argparse.Namespace, human: str, data: Any) -> None:
@@ -21,14 +21,14 @@ def _print(args: argparse.Namespace, human: str, data: Any) -> None:
 
 
 def _load_patch_file(path: str) -> torch.Tensor:
-    from .attacks import load_patch
+    from ..attacks import load_patch
 
     return load_patch(path)[0]
 
 
 # ---------------------------------------------------------------- models / assets
 def run_models(args: argparse.Namespace) -> int:
-    from .models import PRESETS, get_preset
+    from ..models import PRESETS, get_preset
 
     if args.layers:
         preset = get_preset(args.layers)
@@ -43,7 +43,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_assets(args: argparse.Namespace) -> int:
-    from .assets import download_asset, search_folders, status
+    from ..assets import download_asset, search_folders, status
 
     if args.download:
         path = download_asset(args.download)
@@ -57,13 +57,41 @@ def run_assets(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- attack
+def craft_patch(preset_name: str, size: str, config, profile: str | None = None, split: str = "train", limit: int | None = None,
+                initial: torch.Tensor | None = None, progress: bool = True, data_root=None) -> tuple[Any, dict[str, Any]]:
+    """Craft a patch for a preset on its training split; returns the result and sidecar metadata.
+
+    ``profile``: a fitted Z-Mask profile, needed for activation-aware (beta < 1) and defense-aware attacks.
+    """
+    from ..attacks import PatchAttack
+    from ..data.cache import CachedDataset
+    from ..defense import ZMask
+    from ..models import get_preset
+
+    preset = get_preset(preset_name)
+    model = preset.build(True)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    defense = ZMask.load(profile, model) if profile is not None else None
+    config = replace(config, patch_size=preset.patch_size(size))
+    data = CachedDataset(preset.dataset(split, limit, data_root))
+    attack = PatchAttack(preset.task_for(model, split, data_root), config, defense)
+    result = attack.run(data, initial=initial, progress=progress)
+    final = {k: sum(h[k] for h in result.history[-10:]) / len(result.history[-10:]) for k in result.history[-1]} if result.history else {}
+    metadata = {
+        "model": preset_name, "task": preset.task, "size": size, "split": split, "images": len(data), "loss": config.objective,
+        "beta": config.beta, "alpha": config.alpha, "profile": str(profile) if profile else None, "defense_attack": config.defense_attack, "seed": config.seed,
+        "attack": config.to_dict(), "final_loss_terms_last10": final,
+    }
+    return result, metadata
+
+
 def run_attack(args: argparse.Namespace) -> int:
-    from .attacks import AttackConfig, patch_size, random_noise_patch, save_patch
-    from .models import get_preset
-    from .recipes import craft_patch
+    from ..attacks import AttackConfig, random_noise_patch, save_patch
+    from ..models import get_preset
 
     preset = get_preset(args.model)
-    size = patch_size(preset.task, args.size, preset.input_size)
+    size = preset.patch_size(args.size)
     if args.noise:
         patch = random_noise_patch(size, args.seed)
         path = save_patch(patch, args.out, {"model": args.model, "kind": "random-noise", "size": args.size, "seed": args.seed})
@@ -74,7 +102,7 @@ def run_attack(args: argparse.Namespace) -> int:
         defense_attack=args.defense_attack, objective=args.objective, smoothness_weight=args.smoothness, seed=args.seed,
     )
     if (args.beta < 1.0 or args.defense_attack) and not args.profile:
-        raise CommandError("beta < 1 and defense-aware attacks need --profile (a fitted Z-Mask profile from `zmask fit`)")
+        raise UsageError("beta < 1 and defense-aware attacks need --profile (a fitted Z-Mask profile from `zmask fit`)")
     initial = _load_patch_file(args.resume) if args.resume else None
     started = time.time()
     result, metadata = craft_patch(args.model, args.size, config, profile=args.profile, split=args.split, limit=args.limit,
@@ -88,11 +116,10 @@ def run_attack(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- fit
 def run_fit(args: argparse.Namespace) -> int:
-    from .core.fusion import FusionTraining
-    from .data.cache import CachedDataset
-    from .evaluation import FitPlan, fit_zmask
-    from .models import get_preset
-    from .recipes import default_dataset
+    from ..core.fusion import FusionTraining
+    from ..data.cache import CachedDataset
+    from ..evaluation import FitPlan, fit_zmask
+    from ..models import get_preset
 
     preset = get_preset(args.model)
     overrides = {}
@@ -102,14 +129,14 @@ def run_fit(args: argparse.Namespace) -> int:
         overrides["deep_layers"] = tuple(args.deep)
     config = preset.config(**overrides)
     model = preset.build(True)
-    dataset = CachedDataset(default_dataset(preset, args.split, None, args.data))
+    dataset = CachedDataset(preset.dataset(args.split, None, args.data))
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
                    seed=args.seed)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
-        raise CommandError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
+        raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
     defense, report = fit_zmask(model, config, dataset, patches, plan, progress=not args.no_progress)
     path = defense.save(args.out)
     write_run_record(Path(str(path) + ".run"), args, {"report": report})
@@ -120,58 +147,55 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- defend
-def _input_images(inputs: list[str]) -> list[Path]:
-    from .data.folder import IMAGE_SUFFIXES
+def _split_inputs(inputs: list[str], frames: bool) -> tuple[list[Path], list[Path]]:
+    """(image files, video sources): folders expand to their images, or with ``frames`` are one
+    video each (frames in name order); files with a video suffix are videos."""
+    from ..data.folder import IMAGE_SUFFIXES
 
-    paths = []
+    images, videos = [], []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
+            if frames:
+                videos.append(path)
+                continue
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise CommandError(f"no images in folder {path}")
-            paths += found
+                raise UsageError(f"no images in folder {path}")
+            images += found
         elif path.is_file():
-            paths.append(path)
+            (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(path)
         else:
-            raise CommandError(f"input {path} does not exist")
-    return paths
+            raise UsageError(f"input {path} does not exist")
+    return images, videos
 
 
 def _to_png(tensor: torch.Tensor, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    array = (tensor.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = (tensor.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
     array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
     Image.fromarray(np.ascontiguousarray(array.numpy())).save(path)
 
 
 def run_defend(args: argparse.Namespace) -> int:
-    from .data import read_image
-    from .defense import ZMask
-    from .models import get_preset
-    from .models.yolov5 import letterbox
+    from ..data import read_image
+    from ..defense import ZMask
+    from ..models import get_preset
 
     preset = get_preset(args.model)
     model = preset.build(True)
     defense = ZMask.load(args.profile, model)
-    paths = _input_images(args.inputs)
+    images, videos = _split_inputs(args.inputs, args.frames)
     out = Path(args.out)
     for folder in ("masked", "masks", "heatmaps"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    write_run_record(out, args, {"profile": str(args.profile), "images": len(paths)})
+    write_run_record(out, args, {"profile": str(args.profile), "images": len(images), "videos": [str(v) for v in videos]})
     lines = []
     with open(out / "results.jsonl", "w") as results:
-        for path in paths:
-            image = read_image(path)
-            note = None
-            if preset.task == "detection":
-                image, _ = letterbox(image, preset.input_size[0], auto=False)
-                note = "letterboxed"
-            elif tuple(image.shape[1:]) != tuple(preset.input_size):
-                image = F.interpolate(image[None], size=preset.input_size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
-                note = f"resized to {preset.input_size[0]}x{preset.input_size[1]}"
+        for path in images:
+            image, note = preset.prepare_image(read_image(path))
             with torch.no_grad():
                 result = defense(image[None], return_heatmaps=True)
             detection = result.detection
@@ -189,9 +213,24 @@ def run_defend(args: argparse.Namespace) -> int:
                 print(f"{'PATCH' if record['flagged'] else 'clean':5s} score={record['score']:.4f} masked={record['masked_fraction']:.3f} {path}")
             else:
                 print(json.dumps(record))
-    if not args.json:
+    for source in videos:
+        summary = _defend_video(args, preset, defense, source, out / "videos" / source.stem)
+        print(json.dumps(summary, default=str) if args.json else
+              f"{summary['flagged']} of {summary['frames']} frames flagged in {source} ({summary['frames_per_second']:.1f} frames/s); "
+              f"outputs in {out / 'videos' / source.stem}")
+    if not args.json and images:
         print(f"{sum(r['flagged'] for r in lines)} of {len(lines)} images flagged; outputs in {out}")
     return 0
+
+
+def _defend_video(args: argparse.Namespace, preset, defense, source: Path, folder: Path) -> dict[str, Any]:
+    """One video (or frame folder): defended video with the prediction overlaid, one JSON line per frame."""
+    from ..stream import TemporalFlag, defend_video
+
+    task = preset.task_for(defense.model)
+    temporal = TemporalFlag(args.temporal_on, args.temporal_off) if (args.temporal_on, args.temporal_off) != (1, 0) else None
+    return defend_video(defense, source, folder, temporal=temporal, prepare=lambda frame: preset.prepare_image(frame)[0],
+                        render=task.overlay, progress=not args.no_progress, batch_size=args.batch_size)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -199,38 +238,37 @@ def _named_patches(entries: list[str], flag: str) -> list[tuple[str, torch.Tenso
     pairs = []
     for entry in entries:
         if "=" not in entry:
-            raise CommandError(f"{flag} expects NAME=PNG, got {entry!r}")
+            raise UsageError(f"{flag} expects NAME=PNG, got {entry!r}")
         name, path = entry.split("=", 1)
         pairs.append((name, _load_patch_file(path)))
     return pairs
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .attacks import patch_size, random_noise_patch
-    from .data.cache import CachedDataset
-    from .defense import ZMask
-    from .evaluation import ExperimentSpec, build_defenses, run_experiments
-    from .models import get_preset
-    from .recipes import annotation_file, default_dataset, task_for
+    from ..attacks import random_noise_patch
+    from ..data.cache import CachedDataset
+    from ..defense import ZMask
+    from ..evaluation import ExperimentSpec, build_defenses, run_experiments
+    from ..models import get_preset
 
     preset = get_preset(args.model)
     model = preset.build(True)
     zmask = ZMask.load(args.profile, model)
     patches = dict(_named_patches(args.patch, "--patch"))
     if args.random_noise:
-        patches = {"random L": random_noise_patch(patch_size(preset.task, "L", preset.input_size), args.seed), **patches}
+        patches = {"random L": random_noise_patch(preset.patch_size("L"), args.seed), **patches}
     beta = {float(k): v for k, v in _named_patches(args.beta_patch, "--beta-patch")}
     alpha = {}
     for key, patch in _named_patches(args.alpha_patch, "--alpha-patch"):
         if ":" not in key:
-            raise CommandError(f"--alpha-patch expects ATTACK:ALPHA=PNG, got {key!r}")
+            raise UsageError(f"--alpha-patch expects ATTACK:ALPHA=PNG, got {key!r}")
         attack, value = key.split(":", 1)
         alpha[(attack, float(value))] = patch
-    dataset = CachedDataset(default_dataset(preset, args.split, args.limit, args.data))
-    train = CachedDataset(default_dataset(preset, "train", args.train_images, args.data))
+    dataset = CachedDataset(preset.dataset(args.split, args.limit, args.data))
+    train = CachedDataset(preset.dataset(preset.train_split, args.train_images, args.data))
     adversarial = [p for name, p in patches.items() if not name.startswith("random")] + list(beta.values())
     masking, detectors = build_defenses(model, zmask, train, adversarial, args.defenses, args.seed, not args.no_progress)
-    task = task_for(preset, model, annotation_file(preset, args.split, args.data))
+    task = preset.task_for(model, args.split, args.data)
     spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size)
     out = Path(args.out)
     write_run_record(out, args, {"profile": str(args.profile)})
@@ -242,16 +280,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench / demo
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmarks
+    from .bench import format_benchmarks, run_benchmarks
 
     figures = run_benchmarks(args.model, repeats=args.repeats, quick=args.quick, progress=not args.no_progress)
-    _print(args, "\n".join(f"{k}: {v}" for k, v in figures.items()), figures)
+    _print(args, format_benchmarks(figures), figures)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
-    summary = demo(Path(args.out), images=args.images, quick=args.quick, seed=args.seed, progress=not args.no_progress, args=args)
+    out = Path(args.out)
+    summary = demo(out, images=args.images, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    write_run_record(out, args)
     _print(args, summary["text"], summary)
     return 0
+
+
+COMMANDS = {
+    "demo": run_demo, "fit": run_fit, "defend": run_defend, "attack": run_attack, "evaluate": run_evaluate,
+    "bench": run_bench, "models": run_models, "assets": run_assets,
+}

@@ -10,22 +10,21 @@ from typing import Any
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .attacks import load_patch
-from .core.fusion import FusionTraining
-from .data import CamVid
-from .data.cache import CachedDataset
-from .assets import asset_path
-from .errors import ZMaskError
-from .evaluation import FitPlan, NoDefense, PatchSetting, ZMaskDefense, evaluate, fit_zmask, place_patches
-from .evaluation.report import examples_figure
-from .models import get_preset
-from .recipes import task_for
+from ..attacks import load_patch
+from ..core.fusion import FusionTraining
+from ..data.cache import CachedDataset
+from ..errors import ZMaskError
+from ..evaluation import FitPlan, NoDefense, PatchSetting, ZMaskDefense, evaluate, fit_zmask, place_patches
+from ..evaluation.report import examples_figure
+from ..models import get_preset
 
-PATCH_FOLDER = Path(__file__).parent / "patches"
+PATCH_FOLDER = Path(__file__).resolve().parents[1] / "patches"
 DEMO_PATCHES = ("espnet_camvid_L_beta1.0.png", "espnet_camvid_L_beta0.7.png", "espnet_camvid_L_beta0.5.png")
 
 
-def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, progress: bool = True, args=None) -> dict[str, Any]:
+def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Fit, attack, detect, mask and re-segment; writes the figure, summary and profile into ``out``
+    and returns the measured figures."""
     started = time.time()
     missing = [name for name in DEMO_PATCHES if not (PATCH_FOLDER / name).is_file()]
     if missing:
@@ -33,21 +32,20 @@ def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, pr
     patches = [load_patch(PATCH_FOLDER / name)[0] for name in DEMO_PATCHES]
     preset = get_preset("espnet_camvid")
     model = preset.build(True)
-    root = asset_path("camvid")
-    train = CachedDataset(CamVid(root, "train"))
-    val = CachedDataset(CamVid(root, "val", limit=4 if quick else images))
+    train = CachedDataset(preset.dataset("train"))
+    val = CachedDataset(preset.dataset("val", limit=4 if quick else images))
     plan = (FitPlan(8, 8, 8, batch_size=4, fusion=FusionTraining(epochs=3, seed=seed), seed=seed) if quick
             else FitPlan(80, 100, 60, fusion=FusionTraining(epochs=30, batch_size=15, learning_rate=0.01, seed=seed), seed=seed))
     defense, fit_report = fit_zmask(model, preset.config(), train, patches, plan, progress)
     out.mkdir(parents=True, exist_ok=True)
     defense.save(out / "espnet_camvid.zmask.safetensors")
-    task = task_for(preset, model)
+    task = preset.task_for(model, "val")
     attack = PatchSetting("L patch (beta=1)", patches[0])
     results, _ = evaluate(task, val, [PatchSetting("clean"), attack], [NoDefense(model), ZMaskDefense(defense)], seed, 4, progress)
     clean_scores, attacked_scores = results["clean"]["zmask"].scores, results[attack.name]["zmask"].scores
     auc = float(roc_auc_score([0] * len(clean_scores) + [1] * len(attacked_scores), clean_scores + attacked_scores))
     timing = _time_per_image(defense, val, patches[0], seed)
-    examples_figure(out / "demo.png", _figure_rows(defense, val, patches[0], seed, 2 if not quick else 1), "segmentation")
+    examples_figure(out / "demo.png", _figure_rows(defense, val, patches[0], seed, 2 if not quick else 1), task)
     summary = {
         "miou_clean": results["clean"]["none"].task["miou"],
         "miou_clean_defended": results["clean"]["zmask"].task["miou"],
@@ -72,10 +70,6 @@ def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, pr
     summary["text"] = text
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "text"}, indent=2, default=str))
     (out / "summary.md").write_text("# Z-Mask demo\n\n![demo](demo.png)\n\n```\n" + text + "\n```\n")
-    if args is not None:
-        from .cli import write_run_record
-
-        write_run_record(out, args)
     return summary
 
 

@@ -1,0 +1,112 @@
+"""The Z-Mask analysis of one forward pass: heatmaps, soft mask, score, flag and keep-mask.
+
+:func:`analyze` is the one path from captured activations to a decision. The defended forward
+pass, ``detect``, calibration, fusion training, the activation- and defense-aware attacks and the
+evaluation defenses all go through it (via :meth:`zmask.ZMask.analyze`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from ..config import ZMaskConfig
+from ..errors import InputError, NotFittedError
+from .fusion import FusionBlock, fuse_and_score
+from .masking import keep_mask, patch_mask
+from .refinement import LayerRefiner
+from .statistics import LayerStatistics
+
+
+@dataclass
+class Heatmaps:
+    """H_S and H_D (B x 1 x H_R x W_R), and on request each layer's own heatmap per set ("S", "D")."""
+
+    shallow: torch.Tensor
+    deep: torch.Tensor
+    per_layer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    """What Z-Mask concludes about a batch.
+
+    heatmaps: H_S, H_D; soft_mask: M~ (B x 1 x H_R x W_R, differentiable); score: d (B,
+    differentiable); flagged: d > lambda0 (B bool; all True with gating off). The masks at input
+    size are computed on first use only, so a clean frame never pays for them:
+    ``patch_mask``: 1[M~ > threshold] (B x 1 x H x W, 1 = patch, every image, not dilated);
+    ``keep_mask``: Eq. 4's M (1 = keep; all ones where not flagged; dilated by ``mask_dilation``).
+    """
+
+    heatmaps: Heatmaps
+    soft_mask: torch.Tensor
+    score: torch.Tensor
+    flagged: torch.Tensor
+    input_size: tuple[int, int]
+    mask_threshold: float = 0.5
+    mask_dilation: int = 0
+
+    @cached_property
+    def patch_mask(self) -> torch.Tensor:
+        return patch_mask(self.soft_mask.detach(), self.input_size, self.mask_threshold)
+
+    @cached_property
+    def keep_mask(self) -> torch.Tensor:
+        return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation)
+
+
+def kernel_sets(config: ZMaskConfig, layer: str) -> dict[str, tuple]:
+    """The SPR kernel lists a layer is refined with: "S" if it is in S, "D" if it is in D."""
+    sets = {}
+    if layer in config.shallow_layers:
+        sets["S"] = config.shallow_kernels
+    if layer in config.deep_layers:
+        sets["D"] = config.deep_kernels
+    return sets
+
+
+def compute_heatmaps(
+    activations: Mapping[str, torch.Tensor], statistics: Mapping[str, LayerStatistics], config: ZMaskConfig,
+    refiner: LayerRefiner, per_layer: bool = False,
+) -> Heatmaps:
+    """H_S and H_D: each layer's SPR heatmap, then the pixel-wise maximum over the layers of each set."""
+    maps: dict[str, dict[str, torch.Tensor]] = {}
+    for name in config.layers:
+        if name not in activations:
+            raise InputError(f"no activation was captured for layer {name!r}")
+        activation, stats = activations[name], statistics[name]
+        if activation.dim() != 4:
+            raise InputError(f"layer {name!r} gives a {activation.dim()}-D output of shape {tuple(activation.shape)}; "
+                             "choose a convolutional layer (B x C x H x W)")
+        if activation.shape[1] != stats.channels:
+            raise InputError(
+                f"layer {name!r} has {activation.shape[1]} channels but its statistics {stats.channels}: "
+                "the statistics or profile belong to another model"
+            )
+        maps[name] = refiner.heatmaps(activation, stats, kernel_sets(config, name))
+    shallow = torch.stack([maps[n]["S"] for n in config.shallow_layers]).amax(0)
+    deep = torch.stack([maps[n]["D"] for n in config.deep_layers]).amax(0)
+    return Heatmaps(shallow, deep, maps if per_layer else {})
+
+
+def analyze(
+    activations: Mapping[str, torch.Tensor], statistics: Mapping[str, LayerStatistics] | None, fusion: FusionBlock,
+    config: ZMaskConfig, refiner: LayerRefiner, threshold: float | None, input_size: tuple[int, int], gate: bool = True,
+    per_layer: bool = False,
+) -> Analysis:
+    """Heatmaps -> fusion block -> soft mask and score -> flag (``score > threshold``, or every image
+    with ``gate=False``). Differentiable up to the score; the flag and masks are not."""
+    if statistics is None:
+        raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
+    heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
+    soft, score = fuse_and_score(fusion, heatmaps.shallow, heatmaps.deep, config.score)
+    if gate:
+        if threshold is None:
+            raise NotFittedError("the threshold lambda0 is not set: call calibrate(...) or pass gate=False")
+        flagged = score.detach() > threshold
+    else:
+        flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation)

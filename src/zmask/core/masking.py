@@ -1,0 +1,49 @@
+"""Eq. 4: from the soft mask to the binary patch mask, the keep-mask, and the masked image.
+
+Pure tensor functions; :class:`zmask.ZMask` and everything built on it (evaluation defenses,
+attacks, the command line) call these, so the mask a report shows is the mask the defense used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_mask(soft_mask: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """1[M~ > threshold] nearest-upsampled to ``input_size`` (B x 1 x H x W float, 1 = patch)."""
+    return F.interpolate((soft_mask > threshold).float(), size=tuple(input_size), mode="nearest")
+
+
+def dilate_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grow a binary B x 1 x H x W mask by ``pixels`` in every direction (square structuring element).
+
+    Computed as two 1-D max filters (rows, then columns), which equals the square 2-D max filter
+    and costs O(pixels) per pixel instead of O(pixels^2).
+    """
+    if pixels <= 0:
+        return mask
+    width = 2 * pixels + 1
+    rows = F.max_pool2d(mask, (width, 1), stride=1, padding=(pixels, 0))
+    return F.max_pool2d(rows, (1, width), stride=1, padding=(0, pixels))
+
+
+def keep_mask(soft_mask: torch.Tensor, flagged: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5,
+              dilation: int = 0) -> torch.Tensor:
+    """Eq. 4's keep-mask M at input size (B x 1 x H x W; 1 = keep): 1 - dilated patch mask where
+    ``flagged``, all ones elsewhere. Only flagged images are upsampled and dilated."""
+    batch = soft_mask.shape[0]
+    keep = torch.ones(batch, 1, *input_size, dtype=torch.float32, device=soft_mask.device)
+    index = flagged.nonzero().flatten()
+    if index.numel():
+        masked = dilate_mask(patch_mask(soft_mask[index].detach(), input_size, threshold), dilation)
+        keep[index] = 1.0 - masked
+    return keep
+
+
+def apply_mask(images: torch.Tensor, keep: torch.Tensor, fill: float | tuple[float, ...] = 0.0) -> torch.Tensor:
+    """x * M + fill * (1 - M) in the images' own dtype and device (``fill``: scalar or per channel)."""
+    keep = keep.to(device=images.device, dtype=images.dtype)
+    value = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    value = value.view(1, -1, 1, 1) if value.dim() else value
+    return images * keep + value * (1 - keep)

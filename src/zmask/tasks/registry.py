@@ -1,0 +1,27 @@
+"""The task registry: segmentation, detection, and whatever a user registers (classification...)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..contracts import Task
+from ..registry import Registry
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a :class:`~zmask.contracts.Task` implementation available by its ``name``."""
+    return TASKS.register(cls.name)(cls)
+
+
+def stack_items(items: Sequence[Mapping[str, Any]], stacked: Sequence[str] = ("image",), listed: Sequence[str] = ()) -> dict[str, Any]:
+    """A batch dict: the ``stacked`` keys stacked into tensors, the ``listed`` keys (and ``index``) kept as lists."""
+    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]) for key in stacked if key in items[0]}
+    for key in (*listed, "index"):
+        if key in items[0]:
+            batch[key] = [item[key] for item in items]
+    return batch
