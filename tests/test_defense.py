@@ -171,3 +171,30 @@ def test_mask_dilation_grows_the_mask(fitted):
     assert torch.all((1 - dilated) >= (1 - plain))
     with pytest.raises(ValueError, match="mask_dilation"):
         TOY_CONFIG.replace(mask_dilation=-1)
+
+
+def test_defended_espnet_runs_in_bfloat16(assets):
+    """The model in bfloat16: statistics and tables stay float32/float64, the masked second pass
+    gets bfloat16 images, and the decisions agree with float32 on a clean and a patched frame."""
+    from pathlib import Path
+
+    from zmask.attacks import load_patch
+    from zmask.evaluation import place_patches
+    from zmask.models import get_preset
+
+    root = Path(__file__).resolve().parents[1]
+    preset = get_preset("espnet_camvid")
+    image = preset.dataset("val", limit=1)[0]["image"][None]
+    patch = load_patch(root / "src/zmask/patches/espnet_camvid_L_beta1.0.png")[0]
+    attacked, _ = place_patches(image, patch, [0], 0)
+    frames = torch.cat([image, attacked])
+    profile = root / "experiments/profiles/espnet_camvid.safetensors"
+    reference = ZMask.load(profile, preset.build(True))
+    half = ZMask.load(profile, preset.build(True).to(torch.bfloat16))
+    with torch.no_grad():
+        expected = reference(frames)
+        result = half(frames.to(torch.bfloat16))
+    assert result.output.dtype == torch.bfloat16
+    assert result.detection.flagged.tolist() == [False, True] == expected.detection.flagged.tolist()
+    agreement = (result.output.argmax(1) == expected.output.argmax(1)).float().mean()
+    assert agreement > 0.95

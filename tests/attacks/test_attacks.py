@@ -10,7 +10,7 @@ from zmask import FusionTraining, ZMask, ZMaskError
 from zmask.attacks import AttackConfig, EOTConfig, PatchAttack, apply_patch, load_patch, patch_size, random_noise_patch, save_patch
 from zmask.tasks import SegmentationTask
 
-from .toy import TOY_CONFIG, clean_batches, patched_batch
+from ..toy import TOY_CONFIG, clean_batches, patched_batch
 
 
 def test_footprint_is_exactly_where_the_patch_landed():
@@ -91,7 +91,7 @@ class ToySegmenter(nn.Module):
 
 @pytest.fixture(scope="module")
 def toy_setup():
-    from .toy import seeded_toy
+    from ..toy import seeded_toy
 
     torch.manual_seed(0)
     model = ToySegmenter(seeded_toy()).eval()

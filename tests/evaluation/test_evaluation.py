@@ -16,7 +16,7 @@ from zmask.evaluation import (CoverageScore, ExperimentSpec, HyperNeuronScore, L
 from zmask.evaluation import experiments as experiments_module
 from zmask.tasks.segmentation import SegmentationTask
 
-from .toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch
+from ..toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch
 
 
 class ToySegmenter(ToyNet):

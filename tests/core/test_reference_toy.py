@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from zmask import FusionBlock, ZMask, detection_score
 from zmask.core.refinement import layer_heatmap_direct
 
-from .toy import TOY_CONFIG, ToyNet
+from ..toy import TOY_CONFIG, ToyNet
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch import nn
 from zmask import ProfileError, ZMask
 from zmask.core.profile import MAX_PROFILE_BYTES
 
-from .toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch, seeded_toy
+from ..toy import TOY_CONFIG, ToyNet, clean_batches, patched_batch, seeded_toy
 
 
 @pytest.fixture(scope="module")
