@@ -9,18 +9,12 @@ from torch import nn
 from zmask import FusionTraining, NotFittedError, ZMask, ZMaskConfig
 from zmask.defense import merge_outputs
 
-from .toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+from .toy import TOY_CONFIG, clean_batches, fitted_toy_defense, patched_batch, seeded_toy
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    defense = ZMask(seeded_toy(), TOY_CONFIG, seed=0)
-    defense.fit_statistics(clean_batches(6))
-    patched = [patched_batch(4, seed=s) for s in range(6)]
-    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
-    defense.fit_fusion(patched + clean, FusionTraining(epochs=30, batch_size=8, learning_rate=0.05))
-    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
-    return defense
+    return fitted_toy_defense()
 
 
 def test_detects_and_masks_patches(fitted):

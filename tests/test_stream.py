@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from zmask import FusionTraining, ZMask, ZMaskError
+from zmask import ZMask, ZMaskError
 from zmask.data.video import FolderFrames, VideoFrames, VideoWriter, open_frames, write_video
 from zmask.stream import TemporalFlag, defend_stream, defend_video, split_output
 
-from .toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+from .toy import fitted_toy_defense
 
 av = pytest.importorskip("av")
 
@@ -36,14 +36,7 @@ def make_frames(pattern: str = PATTERN, height: int = 64, width: int = 96, seed:
 
 @pytest.fixture(scope="module")
 def fitted() -> ZMask:
-    torch.set_num_threads(1)
-    defense = ZMask(seeded_toy(), TOY_CONFIG, seed=0)
-    defense.fit_statistics(clean_batches(6))
-    patched = [patched_batch(4, seed=s) for s in range(6)]
-    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
-    defense.fit_fusion(patched + clean, FusionTraining(epochs=30, batch_size=8, learning_rate=0.05))
-    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
-    return defense
+    return fitted_toy_defense()
 
 
 @pytest.fixture(scope="module")

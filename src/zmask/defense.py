@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze, compute_heatmaps
 from .core.calibration import Calibration, calibrate_threshold
-from .core.capture import RepeatPolicy, resolve_modules, run_and_capture
+from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
 from .core.masking import apply_mask
 from .core.profile import Profile, check_model_fits, load_profile, save_profile
@@ -72,6 +72,7 @@ class ZMask(nn.Module):
         self.calibration: Calibration | None = None
         self.fit_input_size: tuple[int, int] | None = None
         self._refiner = LayerRefiner(config)
+        self._clone_activations = False  # set once a forward pass is seen to change a read layer in place
         self._device_statistics: dict[str, dict[str, LayerStatistics]] = {}
 
     # ------------------------------------------------------------------ fitting
@@ -162,8 +163,20 @@ class ZMask(nn.Module):
 
     # ------------------------------------------------------------------ analysis
     def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
-        """(model output, activations of every configured layer) of one forward pass."""
-        return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
+        """(model output, activations of every configured layer) of one forward pass.
+
+        Without gradients the layer outputs are read in place, not copied, until a forward pass
+        shows that the model changes one of them in place (an in-place ReLU after it, say); that
+        pass is redone with copies, and copies are taken from then on.
+        """
+        if self._clone_activations or torch.is_grad_enabled():
+            return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
+        with ActivationCapture(self.model, self.config.layers, self.on_repeat, clone=False) as capture:
+            output = self.model(images)
+        if capture.modified():
+            self._clone_activations = True
+            return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
+        return output, capture.require_all()
 
     def _statistics_on(self, device: torch.device) -> dict[str, LayerStatistics] | None:
         if self.statistics is None:

@@ -77,9 +77,12 @@ def test_evaluate_writes_report(capsys, workspace, profile, noise_patch):
 
 
 def test_bench_quick(capsys, assets):
-    code, out, _ = run(capsys, "bench", "--quick", "--repeats", "1", "--json")
+    code, out, _ = run(capsys, "bench", "--quick", "--repeats", "1", "--json", "--threads", "1")
     figures = json.loads(out)
-    assert code == 0 and figures["spr_speedup"] > 0 and figures["images_per_second_clean"] > 0
+    row = figures["per_threads"]["1"]
+    assert code == 0 and list(figures["per_threads"]) == ["1"]
+    assert row["clean_over_forward"] > 0 and row["flagged_over_forward"] > row["clean_over_forward"] * 0.5
+    assert row["speedup_over_literal"] > 0 and row["images_per_second_batch1"] > 0 and row["images_per_second_batch8"] > 0
 
 
 def test_demo_quick(capsys, workspace):

@@ -126,3 +126,29 @@ def test_summed_area_table_with_and_without_gradients_agree():
     tracked = summed_area_table(grid.clone().requires_grad_())
     torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=1e-12)
     assert plain[..., 0, :].abs().max() == 0 and plain[..., :, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("native", [(24, 30), (48, 60), (96, 120), (24, 120)])
+def test_integer_resample_path_is_bitwise_the_interpolate_path(native):
+    """Layers whose size is an integer factor of the heatmap take the Z-score on the smaller grid and
+    broadcast it into the table; the heatmaps are bit for bit those of resizing first."""
+    import dataclasses
+
+    from zmask.core import refinement
+
+    config = ZMaskConfig(shallow_layers=("a",), deep_layers=("a",), shallow_kernels=((24, 30), (6, 8)), deep_kernels=((24, 30),),
+                         heatmap_size=(48, 60), pooling="same", box_method="table")
+    generator = torch.Generator().manual_seed(2)
+    activation = torch.randn(2, 5, *native, generator=generator)
+    stats = LayerStatistics(torch.randn(5, 1, generator=generator) * 0.1, torch.rand(5, 1, generator=generator) + 0.5)
+    kernels = {"S": config.shallow_kernels, "D": config.deep_kernels}
+    refiner = LayerRefiner(config)
+    assert refiner.plan(native, list(dict.fromkeys(config.shallow_kernels + config.deep_kernels)), activation.device).resample is not None
+    fast = refiner.heatmaps(activation, stats, kernels)
+    plain = LayerRefiner(config)
+    plain._plans = {key: dataclasses.replace(plan, resample=None) for key, plan in refiner._plans.items()}
+    slow = plain.heatmaps(activation, stats, kernels)
+    for name in kernels:
+        assert torch.equal(fast[name], slow[name])
+        expected = refinement.layer_heatmap_direct(activation.double(), stats, kernels[name], config)
+        assert relative_error(fast[name], expected) <= 1e-5

@@ -159,3 +159,35 @@ def _rank_worker(rank: int, world: int, folder: str) -> None:
         torch.save((stats.mean, stats.std), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_uncopied_capture_falls_back_to_copies_when_the_model_changes_a_layer_in_place():
+    """ZMask reads layer outputs without copying them, unless the forward pass modifies one in
+    place afterwards: then that pass is redone with copies, and copies are kept from then on."""
+    from torch import nn
+
+    from zmask import ZMask
+
+    from ..toy import TOY_CONFIG, clean_batches, seeded_toy
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+
+        def forward(self, x):
+            a = self.c1(x)
+            a.relu_()
+            return torch.relu(self.c3(torch.relu(self.c2(a))))
+
+    images = clean_batches(1)[0]
+    model = InPlace().eval()
+    defense = ZMask(model, TOY_CONFIG)
+    with torch.no_grad():
+        _, activations = defense.capture(images)
+        assert defense._clone_activations
+        assert torch.equal(activations["c1"], model.c1(images))
+        plain = ZMask(seeded_toy(), TOY_CONFIG)
+        _, activations = plain.capture(images)
+        assert not plain._clone_activations and torch.equal(activations["c1"], plain.model.c1(images))

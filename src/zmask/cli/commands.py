@@ -282,7 +282,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import format_benchmarks, run_benchmarks
 
-    figures = run_benchmarks(args.model, repeats=args.repeats, quick=args.quick, progress=not args.no_progress)
+    threads = [args.threads] if args.threads else [1, 2]
+    figures = run_benchmarks(args.model, repeats=args.repeats, quick=args.quick, threads=threads, batch_sizes=args.batch_sizes,
+                             literal=not args.no_literal)
     _print(args, format_benchmarks(figures), figures)
     return 0
 

@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train-images", type=int, default=80, help="training images for MaskNet and HN/FPDA")
 
     bench = command("bench", "performance figures: SPR speed-up, defense overhead, images per second")
-    bench.add_argument("--model", default="espnet_camvid")
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--model", default="espnet_camvid", help="model preset (default espnet_camvid)")
+    bench.add_argument("--repeats", type=int, default=9, help="interleaved timed runs per figure (median; default 9)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes for images/s (default 1 8)")
+    bench.add_argument("--no-literal", action="store_true", help="skip the (slow) literal reference implementation")
     bench.add_argument("--quick", action="store_true", help="small sizes (for tests)")
 
     models = command("models", "list model presets and their layers")

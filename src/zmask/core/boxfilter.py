@@ -19,20 +19,29 @@ from .geometry import AxisWindows
 from ..errors import ConfigError
 
 
-def summed_area_table(grid: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+def summed_area_table(grid: torch.Tensor, workspace: Workspace | None = None, repeat: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Integral image of ``... x H x W`` with a leading zero row and column, in float64.
 
     float64 keeps differences of table entries exact enough: float32 tables lose digits to
     cancellation once their values grow with the map size. With a ``workspace`` (and no gradient)
-    the table is built in place in a reused buffer.
+    the table is built in place in a reused buffer. ``repeat`` = (fh, fw) builds the table of the
+    map with every row repeated fh times and every column fw times (a nearest upsampling), which
+    is written into the table directly (needs a workspace).
     """
     if workspace is None or grid.requires_grad:
+        if repeat != (1, 1):
+            grid = grid.repeat_interleave(repeat[0], -2).repeat_interleave(repeat[1], -1)
         return F.pad(torch.cumsum(grid, -1, dtype=torch.float64), (1, 0, 1, 0)).cumsum(-2)
-    height, width = grid.shape[-2:]
-    table = workspace.take("table", (*grid.shape[:-2], height + 1, width + 1), torch.float64, grid.device)
+    (fh, fw), (height, width) = repeat, grid.shape[-2:]
+    leading = grid.shape[:-2]
+    table = workspace.take("table", (*leading, fh * height + 1, fw * width + 1), torch.float64, grid.device)
     table[..., 0, :].zero_()
     table[..., 1:, 0].zero_()
-    table[..., 1:, 1:].copy_(grid)
+    inner = table[..., 1:, 1:]
+    if (fh, fw) == (1, 1):
+        inner.copy_(grid)
+    else:
+        inner.view(*leading, height, fh, width, fw).copy_(grid[..., :, None, :, None])
     return table.cumsum_(-1).cumsum_(-2)
 
 
@@ -47,13 +56,26 @@ def _difference(table: torch.Tensor, windows: AxisWindows, dim: int, out: torch.
         upper, lower = table.narrow(dim, first + length, windows.count), table.narrow(dim, first, windows.count)
         return torch.sub(upper, lower, out=out) if out is not None else upper - lower
     if windows.same_offsets is not None and windows.count == table.shape[dim] - 1:
+        before, after = windows.same_offsets
+        if out is not None and before + after < windows.count:
+            return _clipped_difference(table, dim, before, after, out)
         # Clipped windows [j - before, j + after + 1): pad the table by repeating its first and
         # last entries, then every window is a plain slice difference.
-        before, after = windows.same_offsets
         padded = _replicate_pad(table, dim, before, after)
         upper, lower = padded.narrow(dim, before + after + 1, windows.count), padded.narrow(dim, 0, windows.count)
         return torch.sub(upper, lower, out=out) if out is not None else upper - lower
     return table.index_select(dim, windows.end) - table.index_select(dim, windows.start)
+
+
+def _clipped_difference(table: torch.Tensor, dim: int, before: int, after: int, out: torch.Tensor) -> torch.Tensor:
+    """The clipped windows [max(j - before, 0), min(j + after + 1, n)) of an n + 1 entry table,
+    written into ``out`` in three slices (left edge, interior, right edge) without padding a copy."""
+    n = table.shape[dim] - 1
+    kernel = before + after + 1
+    torch.sub(table.narrow(dim, after + 1, before), table.narrow(dim, 0, 1), out=out.narrow(dim, 0, before))
+    torch.sub(table.narrow(dim, kernel, n - kernel + 1), table.narrow(dim, 0, n - kernel + 1), out=out.narrow(dim, before, n - kernel + 1))
+    torch.sub(table.narrow(dim, n, 1), table.narrow(dim, n - after - before, after), out=out.narrow(dim, n - after, after))
+    return out
 
 
 def _replicate_pad(table: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:

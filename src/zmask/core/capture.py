@@ -46,7 +46,9 @@ class ActivationCapture:
     """Forward hooks that record the outputs of the named layers.
 
     Outputs are cloned (so in-place operations further down the network cannot change them) and
-    stay on the autograd graph when gradients are enabled. A layer whose module returns a tuple or
+    stay on the autograd graph when gradients are enabled. With ``clone=False`` the outputs are
+    kept as they are, and :meth:`modified` names those that the rest of the forward pass changed
+    in place (their version counter moved), so a caller can redo the pass with clones. A layer whose module returns a tuple or
     list must be named with an index, ``"name[0]"``. A module that runs more than once per forward
     pass raises unless ``on_repeat`` is ``"first"`` or ``"last"``.
 
@@ -57,17 +59,20 @@ class ActivationCapture:
         activations = capture.activations
     """
 
-    def __init__(self, model: nn.Module, layer_names: Sequence[str], on_repeat: RepeatPolicy = "error") -> None:
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], on_repeat: RepeatPolicy = "error", clone: bool = True) -> None:
         if on_repeat not in ("error", "first", "last"):
             raise InputError(f"on_repeat={on_repeat!r} must be 'error', 'first' or 'last'")
         self.layer_names = tuple(dict.fromkeys(layer_names))
         self.on_repeat = on_repeat
+        self.clone = clone
+        self._versions: dict[str, tuple[torch.Tensor, int]] = {}
         self._modules = resolve_modules(model, self.layer_names)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.activations: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> ActivationCapture:
         self.activations = {}
+        self._versions = {}
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self
@@ -76,6 +81,10 @@ class ActivationCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def modified(self) -> list[str]:
+        """Layers whose output tensor was changed in place after it was captured."""
+        return [name for name, (tensor, version) in self._versions.items() if tensor._version != version]
 
     def missing(self) -> list[str]:
         """Layers that did not run during the forward pass."""
@@ -101,7 +110,8 @@ class ActivationCapture:
                     )
                 if self.on_repeat == "first":
                     return
-            self.activations[name] = tensor.clone()
+            self._versions[name] = (tensor, tensor._version)
+            self.activations[name] = tensor.clone() if self.clone else tensor
 
         return hook
 
@@ -124,10 +134,17 @@ def _select_output(name: str, output: object, index: int | None) -> torch.Tensor
 
 
 def run_and_capture(model: nn.Module, images: torch.Tensor, layer_names: Sequence[str],
-                    on_repeat: RepeatPolicy = "error") -> tuple[object, dict[str, torch.Tensor]]:
-    """(model output, activations of every named layer) of one forward pass of ``model`` on ``images``."""
-    with ActivationCapture(model, layer_names, on_repeat) as capture:
+                    on_repeat: RepeatPolicy = "error", clone: bool = True) -> tuple[object, dict[str, torch.Tensor]]:
+    """(model output, activations of every named layer) of one forward pass of ``model`` on ``images``.
+
+    With ``clone=False`` no layer output is copied; if the forward pass changed one of them in
+    place afterwards, the pass is run again with copies, so the activations are always the layer
+    outputs as they were produced.
+    """
+    with ActivationCapture(model, layer_names, on_repeat, clone=clone) as capture:
         output = model(images)
+    if not clone and capture.modified():
+        return run_and_capture(model, images, layer_names, on_repeat, clone=True)
     return output, capture.require_all()
 
 

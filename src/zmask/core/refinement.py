@@ -57,11 +57,28 @@ class KernelPlan:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Everything about one layer's refinement that depends only on shapes, computed once."""
+    """Everything about one layer's refinement that depends only on shapes, computed once.
+
+    ``resample``: per axis, how the nearest resize to the grid reads the native map when it is an
+    integer pattern - ("up", f) repeats each native row f times, ("down", f) takes every f-th -
+    or None when the resize must go through ``F.interpolate``.
+    """
 
     native_size: tuple[int, int]
     method: str
     kernels: dict[Kernel, KernelPlan]
+    resample: tuple[tuple[str, int], tuple[str, int]] | None = None
+
+
+def integer_resample(index: torch.Tensor, native: int) -> tuple[str, int] | None:
+    """("up", f) if the nearest indices are ``i // f``, ("down", f) if they are ``i * f``, else None."""
+    size = index.numel()
+    positions = torch.arange(size)
+    if size % native == 0 and torch.equal(index, positions // (size // native)):
+        return ("up", size // native)
+    if native % size == 0 and torch.equal(index, positions * (native // size)):
+        return ("down", native // size)
+    return None
 
 
 def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Sequence[Kernel], device: torch.device) -> LayerPlan:
@@ -86,7 +103,8 @@ def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Seque
             kernel, rows.to(device), cols.to(device),
             row_w.to(device) if row_w is not None else None, col_w.to(device) if col_w is not None else None,
         )
-    return LayerPlan(native_size, method, plans)
+    resample = (integer_resample(row_index, native_size[0]), integer_resample(col_index, native_size[1]))
+    return LayerPlan(native_size, method, plans, resample if None not in resample else None)
 
 
 def _cheaper_method(native, grid, windows, separable) -> str:
@@ -187,6 +205,14 @@ class LayerRefiner:
         chunk = chunk.float()
         if plan.method == "separable":
             return separable_layout(zscore(chunk, mean, scale))
+        if plan.resample is not None and not chunk.requires_grad and mean.shape[-2:] == (1, 1):
+            # Nearest resizing by an integer factor commutes with the per-channel Z-score: compute
+            # it on the smaller of the two grids and write it into the table with the repeat as a
+            # broadcast (the same numbers as resizing first, without the full-size intermediate).
+            (row_kind, row_f), (col_kind, col_f) = plan.resample
+            native = chunk[..., :: row_f if row_kind == "down" else 1, :: col_f if col_kind == "down" else 1]
+            repeat = (row_f if row_kind == "up" else 1, col_f if col_kind == "up" else 1)
+            return summed_area_table(zscore(native, mean, scale), self.workspace, repeat=repeat)
         grid = F.interpolate(chunk, size=self.config.heatmap_size, mode="nearest")
         scratch = grid.data_ptr() != chunk.data_ptr()  # interpolate made a new tensor: reuse it
         return summed_area_table(zscore(grid, mean, scale, inplace=scratch), self.workspace)
