@@ -96,7 +96,7 @@ def part_b(repeats: int, skip_direct: bool) -> None:
     defense = ZMask(body, config, fusion=FusionBlock(torch.Generator().manual_seed(0)))
     with torch.no_grad():
         defense.fit_statistics([image])
-        _, activations = defense._activations(image)
+        _, activations = defense.capture(image)
 
         def forward():
             return body(image)
