@@ -38,10 +38,9 @@ def summed_area_table(grid: torch.Tensor, workspace: Workspace | None = None, re
     table[..., 0, :].zero_()
     table[..., 1:, 0].zero_()
     inner = table[..., 1:, 1:]
-    if (fh, fw) == (1, 1):
-        inner.copy_(grid)
-    else:
-        inner.view(*leading, height, fh, width, fw).copy_(grid[..., :, None, :, None])
+    if fw > 1:  # repeat columns in a contiguous copy first: a broadcast innermost dimension copies slowly
+        grid = grid[..., None].expand(*grid.shape, fw).reshape(*leading, height, width * fw)
+    inner.view(*leading, height, fh, width * fw).copy_(grid[..., :, None, :])
     return table.cumsum_(-1).cumsum_(-2)
 
 
