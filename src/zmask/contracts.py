@@ -161,8 +161,9 @@ class Defense(Protocol):
 class AttackContext:
     """What an adaptive objective sees at one attack step: the defense, the patched batch
     (``images`` B x 3 x H x W, ``patch_masks`` B x 1 x H x W), the task output on it, the activations
-    of every layer the defense reads, and the defense's :class:`~zmask.core.analysis.Analysis`
-    (ungated, differentiable heatmaps, soft mask and score)."""
+    of every layer the defense reads, the defense's :class:`~zmask.core.analysis.Analysis`
+    (ungated, differentiable heatmaps, soft mask and score), and the task with the batch's labels
+    and the attack objective's name (to evaluate the task loss of a re-processed batch)."""
 
     defense: ZMask
     images: torch.Tensor
@@ -170,6 +171,9 @@ class AttackContext:
     output: Any
     activations: dict[str, torch.Tensor]
     analysis: Analysis
+    task: Task
+    batch: Mapping[str, Any]
+    objective: str = "untargeted"
 
 
 class AdaptiveObjective(Protocol):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from zmask.core.capture import run_and_capture
 from zmask import FusionTraining, ZMask, ZMaskError
 from zmask.attacks import AttackConfig, EOTConfig, PatchAttack, apply_patch, load_patch, patch_size, random_noise_patch, save_patch
 from zmask.tasks import SegmentationTask
@@ -125,7 +126,7 @@ def test_plain_attack_raises_the_task_loss_and_is_deterministic(toy_setup):
     assert sum(total[-4:]) < sum(total[:4])  # the minimised negative CE goes down
 
 
-@pytest.mark.parametrize("mode,term", [("mask", "mask_bce"), ("flag", "flag_bce")])
+@pytest.mark.parametrize("mode,term", [("mask", "mask_bce"), ("flag", "flag_bce"), ("suppress", "heatmaps_inside_patch")])
 def test_defense_aware_attacks_lower_their_losses(toy_setup, mode, term):
     model, defense, data = toy_setup
     task = SegmentationTask(model, 4, 255)
@@ -140,3 +141,45 @@ def test_activation_aware_attack_lowers_over_activation(toy_setup):
     config = AttackConfig(patch_size=(24, 24), steps=16, batch_size=4, learning_rate=0.05, beta=0.0, seed=1)
     history = PatchAttack(task, config, defense).run(data, progress=False).history
     assert _mean(history, "over_activation", -4) < _mean(history, "over_activation", 4)
+
+
+def test_straight_through_keep_mask_is_the_defense_mask_forward_with_gradients(toy_setup):
+    """Forward: the very keep-mask the defense applies (flagged and unflagged images, dilation);
+    backward: a gradient reaches the image through the soft mask and the flag."""
+    from zmask.attacks.adaptive import straight_through_keep_mask
+
+    _, defense, _ = toy_setup
+    images, _ = patched_batch(4, seed=40)
+    images = torch.cat([images, clean_batches(1, 2, seed=41)[0]]).requires_grad_(True)
+    dilated = ZMask(defense.model, defense.config.replace(mask_dilation=3), statistics=defense.statistics, fusion=defense.fusion,
+                    threshold=defense.threshold)
+    _, activations = dilated.capture(images)
+    analysis = dilated.analyze(activations, tuple(images.shape[-2:]))
+    assert analysis.flagged.any() and not analysis.flagged.all()
+    keep = straight_through_keep_mask(analysis, dilated.threshold)
+    assert torch.equal(keep.detach(), analysis.keep_mask)
+    (gradient,) = torch.autograd.grad(keep.sum(), images)
+    assert gradient.abs().sum() > 0
+
+
+def test_end_to_end_objective_is_the_task_loss_of_the_defended_output(toy_setup):
+    """The end-to-end term evaluates exactly what the defended model outputs (same masks, same
+    second pass), and its gradient reaches the patched images."""
+    from zmask.attacks import ADAPTIVE_OBJECTIVES
+    from zmask.contracts import AttackContext
+
+    model, defense, data = toy_setup
+    task = SegmentationTask(model, 4, 255)
+    images, masks = patched_batch(4, seed=42)
+    batch = task.collate([{"image": image, "label": item["label"]} for image, item in zip(images, data)])
+    images = images.clone().requires_grad_(True)
+    output, activations = run_and_capture(model, images, defense.config.layers)
+    analysis = defense.analyze(activations, tuple(images.shape[-2:]), gate=False)
+    context = AttackContext(defense, images, masks, output, activations, analysis, task, batch)
+    value = ADAPTIVE_OBJECTIVES.get("end_to_end")(context)["defended_task"]
+    with torch.no_grad():
+        defended = defense(images.detach()).output
+    expected = sum(w * v for w, v in task.attack_terms(defended, batch, images, masks, 1.0, "untargeted").values())
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    (gradient,) = torch.autograd.grad(value, images)
+    assert gradient.abs().sum() > 0

@@ -1,8 +1,18 @@
-"""Defense-aware objectives (Eq. 6): what an attack that knows Z-Mask minimises besides the task loss.
+"""Defense-aware objectives (Eq. 6 and beyond): what an attack that knows Z-Mask minimises besides
+the task loss.
 
 Each objective is registered in :data:`ADAPTIVE_OBJECTIVES` under the name that
-``AttackConfig.defense_attack`` (and ``zmask attack --defense-attack``) selects; adding an attack
-is one function here or in a file of its own, decorated with ``@ADAPTIVE_OBJECTIVES.register("name")``.
+``AttackConfig.defense_attack`` (and ``zmask attack --defense-attack``) selects, and is weighted
+with ``1 - alpha`` against the undefended task loss (weight ``alpha``). Adding an attack is one
+function here or in a file of its own, decorated with ``@ADAPTIVE_OBJECTIVES.register("name")``.
+
+* ``mask`` / ``flag``: the paper's Mask-Attack and Flag-Attack (Eq. 6).
+* ``end_to_end``: the task loss of the *defended* output - the batch masked by the defense's own
+  keep-mask and processed again - with straight-through estimates of the two hard decisions
+  (the soft-mask threshold and the flag), so that the gradient reaches the patch through the whole
+  pipeline (BPDA-style). With EOT from the attack's placement settings.
+* ``suppress``: activation suppression - push the mean of H_S and H_D inside the patch down while
+  the task loss stays high (a heatmap-level objective, unlike Eq. 5's Z-score sum L_OZ).
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..contracts import AdaptiveObjective, AttackContext
+from ..core.analysis import Analysis
+from ..core.masking import apply_mask, dilate_mask
 from ..core.statistics import resize_nearest
 from ..registry import Registry
 
@@ -29,3 +41,44 @@ def flag_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """Flag-Attack: keep the score under lambda0 (maximise the BCE of sigmoid(d - lambda0) against "patched")."""
     flag = torch.sigmoid(context.analysis.score - context.defense.threshold)
     return {"flag_bce": -F.binary_cross_entropy(flag, torch.ones_like(flag))}
+
+
+def straight_through_keep_mask(analysis: Analysis, threshold: float | None, gate: bool = True) -> torch.Tensor:
+    """The defense's keep-mask (B x 1 x H x W, 1 = keep) with straight-through gradients.
+
+    Forward: exactly Eq. 4 as the defense applies it - 1[M~ > mask threshold] upsampled, dilated by
+    ``mask_dilation``, only on images whose score exceeds ``threshold`` (every image with
+    ``gate=False``). Backward: the upsampled soft mask M~ stands for the binary mask (undilated),
+    and sigmoid(d - lambda0) for the flag.
+    """
+    soft = F.interpolate(analysis.soft_mask, size=tuple(analysis.input_size), mode="nearest")
+    hard = dilate_mask((soft.detach() > analysis.mask_threshold).float(), analysis.mask_dilation)
+    masked = hard + (soft - soft.detach())  # exactly ``hard`` forward, the soft mask's gradient backward
+    if gate and threshold is not None:
+        probability = torch.sigmoid(analysis.score - threshold)
+        flag = (analysis.score.detach() > threshold).float() + (probability - probability.detach())
+        masked = masked * flag.view(-1, 1, 1, 1)
+    return 1.0 - masked
+
+
+@ADAPTIVE_OBJECTIVES.register("end_to_end")
+def end_to_end_attack(context: AttackContext) -> dict[str, torch.Tensor]:
+    """The task loss after the defense: mask the batch with the straight-through keep-mask, process
+    it again, and take the task's attack terms on that output (their weighted sum, to minimise)."""
+    defense = context.defense
+    keep = straight_through_keep_mask(context.analysis, defense.threshold)
+    masked = apply_mask(context.images, keep, defense.config.fill_value)
+    output = context.task.forward(masked)
+    terms = context.task.attack_terms(output, context.batch, masked, context.patch_masks, 1.0, context.objective)
+    return {"defended_task": sum(weight * value for weight, value in terms.values())}
+
+
+@ADAPTIVE_OBJECTIVES.register("suppress")
+def suppression_attack(context: AttackContext) -> dict[str, torch.Tensor]:
+    """Activation suppression: the mean of H_S and of H_D over the patch's pixels (heatmap grid)."""
+    heatmaps = context.analysis.heatmaps
+    inside = (resize_nearest(context.patch_masks, tuple(heatmaps.shallow.shape[-2:])) > 0.5).float()
+    area = inside.flatten(1).sum(1).clamp(min=1.0)
+    shallow = (heatmaps.shallow * inside).flatten(1).sum(1) / area
+    deep = (heatmaps.deep * inside).flatten(1).sum(1) / area
+    return {"heatmaps_inside_patch": (shallow + deep).mean()}

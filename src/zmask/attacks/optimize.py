@@ -164,7 +164,7 @@ class PatchAttack:
                 shallow, defense.statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
         if config.defense_attack is not None:
             analysis = defense.analyze(activations, tuple(placed.images.shape[-2:]), gate=False)
-            context = AttackContext(defense, placed.images, placed.masks, output, activations, analysis)
+            context = AttackContext(defense, placed.images, placed.masks, output, activations, analysis, self.task, batch, config.objective)
             for name, value in ADAPTIVE_OBJECTIVES.get(config.defense_attack)(context).items():
                 terms[name] = (1.0 - config.alpha, value)
         if config.smoothness_weight:
