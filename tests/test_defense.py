@@ -182,7 +182,7 @@ def test_defended_espnet_runs_in_bfloat16(assets):
     patch = load_patch(root / "src/zmask/patches/espnet_camvid_L_beta1.0.png")[0]
     attacked, _ = place_patches(image, patch, [0], 0)
     frames = torch.cat([image, attacked])
-    profile = root / "experiments/profiles/espnet_camvid.safetensors"
+    profile = root / "src/zmask/profiles/espnet_camvid.safetensors"
     reference = ZMask.load(profile, preset.build(True))
     half = ZMask.load(profile, preset.build(True).to(torch.bfloat16))
     with torch.no_grad():

@@ -47,3 +47,66 @@ def test_version_is_defined_once():
     assert zmask.__version__ == __version__
     pyproject = (SRC.parent / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject and 'attr = "zmask._version.__version__"' in pyproject
+
+
+def test_no_bare_print_outside_the_command_line():
+    """The library reports through ``logging``; only ``zmask.cli`` writes to stdout."""
+    pattern = re.compile(r"(?<![\w.])print\(")
+    offenders = [f"{path}:{number}" for path in (SRC / "zmask").rglob("*.py") if "cli" not in path.relative_to(SRC / "zmask").parts
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders
+
+
+def test_every_package_has_a_module_logger():
+    """Each subpackage of the library has at least one module logging through ``logging.getLogger(__name__)``."""
+    packages = {path.parent for path in (SRC / "zmask").rglob("__init__.py")} - {SRC / "zmask" / "cli"}
+    without = [str(package.relative_to(SRC)) for package in packages
+               if not any("logging.getLogger(__name__)" in path.read_text() for path in package.glob("*.py"))]
+    assert not without
+
+
+def test_licence_file_matches_the_declared_licence():
+    import tomllib
+
+    root = SRC.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert declared["license"] == {"text": "MIT"} and "License :: OSI Approved :: MIT License" in declared["classifiers"]
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    assert "GPL-3.0" in (root / "NOTICE").read_text() and "not distributed" in (root / "NOTICE").read_text()
+    assert "## Unreleased" in (root / "CHANGELOG.md").read_text()
+
+
+def test_wheel_ships_profiles_patches_and_py_typed(tmp_path):
+    """A wheel built from the repository carries the shipped profiles (with the recorded hashes), the
+    patches, ``py.typed`` and the licence files. Built from a copy, so the checkout gets no build/."""
+    import hashlib
+    import shutil
+    import zipfile
+
+    from zmask.models import PRESETS
+
+    pytest.importorskip("setuptools", minversion="68", reason="building the wheel without network needs setuptools >= 68")
+    pytest.importorskip("wheel", reason="building the wheel without network needs the wheel package")
+    root = SRC.parent
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE"):
+        shutil.copy(root / name, source / name)
+    shutil.copytree(SRC / "zmask", source / "src" / "zmask", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("zmask-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        records = [preset.profile_record for preset in PRESETS.values() if preset.profile_record is not None]
+        assert records
+        for record in records:
+            member = f"zmask/profiles/{record.file}"
+            assert member in names and hashlib.sha256(archive.read(member)).hexdigest() == record.sha256
+        shipped_patches = {f"zmask/patches/{p.name}" for p in (SRC / "zmask" / "patches").iterdir()}
+        assert shipped_patches <= names
+        assert "zmask/py.typed" in names
+        assert {n.rsplit("/", 1)[-1] for n in names if "/licenses/" in n} >= {"LICENSE", "NOTICE"}
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        assert "Classifier: Programming Language :: Python :: 3.12" in metadata

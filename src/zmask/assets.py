@@ -1,18 +1,24 @@
 """Known assets (weights, datasets, reference outputs): where they come from and how to find them.
 
-Files are looked up in the folder named by the environment variable ``ZMASK_ASSETS``, then in the
-user cache ``~/.cache/zmask`` (or ``$ZMASK_CACHE``). Single files with a public URL are downloaded
-into the cache on request; every file's SHA-256 is checked before use, and a mismatch is an error.
+Files are looked up in the folder named by the environment variable ``ZMASK_ASSETS`` (made absolute
+against the current folder when it is read, so a relative value means the same folder for the
+whole run), or, when it is unset and zmask runs from a repository checkout, in
+``<checkout>/../shared/assets``; then in the user cache ``~/.cache/zmask`` (or ``$ZMASK_CACHE``).
+Single files with a public URL are downloaded into the cache on request; every file's SHA-256 is
+checked before use, and a mismatch is an error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AssetError
+
+logger = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "ZMASK_ASSETS"
 CACHE_VARIABLE = "ZMASK_CACHE"
@@ -119,18 +125,43 @@ ASSETS: dict[str, Asset] = {
 }
 
 
+def _absolute(value: str | Path) -> Path:
+    """``value`` with ``~`` expanded, made absolute against the current folder (not resolving links)."""
+    return Path(os.path.abspath(os.path.expanduser(str(value))))
+
+
 def cache_folder() -> Path:
-    """The user cache: ``$ZMASK_CACHE`` or ``~/.cache/zmask``."""
-    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "zmask")
+    """The user cache: ``$ZMASK_CACHE`` or ``~/.cache/zmask`` (absolute)."""
+    return _absolute(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "zmask")
+
+
+def repository_root() -> Path | None:
+    """The checkout this package runs from (``src/zmask`` inside a folder with ``pyproject.toml``),
+    or None for an installed copy."""
+    package = Path(__file__).resolve().parent
+    root = package.parents[1]
+    if package.parent.name == "src" and (root / "pyproject.toml").is_file():
+        return root
+    return None
+
+
+def search_locations() -> list[tuple[Path, str]]:
+    """Where assets are looked for, in order, each with where that folder comes from."""
+    locations = []
+    configured = os.environ.get(ENVIRONMENT_VARIABLE)
+    if configured:
+        locations.append((_absolute(configured), ENVIRONMENT_VARIABLE))
+    else:
+        root = repository_root()
+        if root is not None:
+            locations.append((root.parent / "shared" / "assets", "beside the repository checkout"))
+    locations.append((cache_folder(), "user cache"))
+    return locations
 
 
 def search_folders() -> list[Path]:
-    """Where assets are looked for, in order."""
-    folders = []
-    if os.environ.get(ENVIRONMENT_VARIABLE):
-        folders.append(Path(os.environ[ENVIRONMENT_VARIABLE]))
-    folders.append(cache_folder())
-    return folders
+    """Where assets are looked for, in order (absolute paths)."""
+    return [folder for folder, _ in search_locations()]
 
 
 def sha256_of(path: Path) -> str:
@@ -199,6 +230,7 @@ def download_asset(name: str) -> Path:
         raise AssetError(f"asset '{asset.name}' has no public download; {_missing_message(asset)}")
     target = cache_folder() / asset.path
     target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading asset %s from %s to %s", name, asset.url, target)
     try:
         download_url_to_file(asset.url, str(target), hash_prefix=asset.sha256, progress=True)
     except Exception as error:  # noqa: BLE001 - network or hash failure

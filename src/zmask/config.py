@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from .errors import ConfigError, ZMaskTypeError
@@ -17,6 +19,13 @@ PAPER_SEGMENTATION_DEEP_KERNELS: tuple[Kernel, ...] = ((64, 128), (32, 64))
 PAPER_DETECTION_HEATMAP: tuple[int, int] = (400, 500)
 PAPER_DETECTION_SHALLOW_KERNELS: tuple[Kernel, ...] = ((40, 40), (25, 25), (10, 10))
 PAPER_DETECTION_DEEP_KERNELS: tuple[Kernel, ...] = ((80, 80), (40, 40))
+
+# Bounds that keep the work per frame bounded whatever a configuration (or a profile) says.
+MAX_HEATMAP_ELEMENTS = 2048 * 2048  # H_R * W_R; the paper's largest heatmap is 400 x 500
+MAX_MASK_DILATION = 4096  # input pixels; a profile also bounds it by its input size
+MAX_IN_CHANNELS = 64
+MAX_CHUNK_ELEMENTS = 2**31
+MAX_KERNELS = 16  # per set; the paper uses 4 and 2
 
 _CHOICES = {
     "spr_variant": ("reference", "paper"),
@@ -55,6 +64,12 @@ class ZMaskConfig:
         fill_value: value written under masked pixels, in the space the model consumes; a scalar
             or one value per input channel (0 = black for models taking [0, 1] images).
         in_channels: expected channel count of the model input.
+        extreme_layers: layers (of S or D) whose channel maxima give a second detection score
+            beyond the paper (``zmask.core.extremes``): an image is also flagged when its
+            hyper-activation score exceeds its own threshold, and the pixels where a channel exceeds
+            its clean maximum are masked too. Empty (the default) is the paper's defense.
+        extreme_fpr: the false-positive rate on clean calibration images that the second
+            threshold is chosen for.
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
         chunk_elements: the refinement processes as many channels at once as fit this many values
@@ -79,23 +94,41 @@ class ZMaskConfig:
     in_channels: int = 3
     box_method: Literal["auto", "table", "separable"] = "auto"
     chunk_elements: int = 2**23
+    extreme_layers: tuple[str, ...] = ()
+    extreme_fpr: float = 0.01
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
-        for name in ("shallow_layers", "deep_layers"):
+        for name in ("shallow_layers", "deep_layers", "extreme_layers"):
             value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
                 raise ZMaskTypeError(f"{name} must be a sequence of module names (strings), got {value!r}")
             object.__setattr__(self, name, tuple(value))
         for name in ("shallow_kernels", "deep_kernels"):
-            object.__setattr__(self, name, tuple(_as_pair(k, name) for k in getattr(self, name)))
+            kernels = getattr(self, name)
+            if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Iterable):
+                raise ZMaskTypeError(f"{name} must be a sequence of (height, width) pairs, got {kernels!r}")
+            kernels = tuple(kernels)
+            if len(kernels) > MAX_KERNELS:
+                raise ConfigError(f"{name} has {len(kernels)} kernels, more than the {MAX_KERNELS} allowed")
+            object.__setattr__(self, name, tuple(_as_pair(k, name) for k in kernels))
         object.__setattr__(self, "heatmap_size", _as_pair(self.heatmap_size, "heatmap_size"))
         if isinstance(self.fill_value, (list, tuple)):
-            object.__setattr__(self, "fill_value", tuple(float(v) for v in self.fill_value))
+            object.__setattr__(self, "fill_value", tuple(_real(v, "fill_value") for v in self.fill_value))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent setting."""
+        """Raise ``ConfigError`` (a ``ValueError``; ``ZMaskTypeError`` for a wrong type) naming the
+        first inconsistent setting. Sizes are bounded so that no configuration makes a frame
+        take unbounded time or memory."""
+        for name, low, high in (("planes", 1, None), ("mask_dilation", 0, MAX_MASK_DILATION),
+                                ("in_channels", 1, MAX_IN_CHANNELS), ("chunk_elements", 1, MAX_CHUNK_ELEMENTS)):
+            _integer(getattr(self, name), name, low, high)
+        for name in ("eps", "std_floor", "mask_threshold"):
+            _real(getattr(self, name), name)
+        fills = self.fill_value if isinstance(self.fill_value, tuple) else (self.fill_value,)
+        for value in fills:
+            _real(value, "fill_value")
         if not self.shallow_layers:
             raise ConfigError("shallow_layers (the set S) is empty: name at least one layer")
         if not self.deep_layers:
@@ -107,6 +140,9 @@ class ZMaskConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
         height, width = self.heatmap_size
+        if height * width > MAX_HEATMAP_ELEMENTS:
+            raise ConfigError(f"heatmap_size {self.heatmap_size} has {height * width} elements, more than the "
+                              f"{MAX_HEATMAP_ELEMENTS} allowed (the paper's largest heatmap is 400 x 500)")
         for kh, kw in self.shallow_kernels + self.deep_kernels:
             if kh > height or kw > width:
                 raise ConfigError(
@@ -127,6 +163,11 @@ class ZMaskConfig:
             raise ConfigError(f"fill_value has {len(self.fill_value)} values for {self.in_channels} input channels")
         if self.chunk_elements < 1:
             raise ConfigError("chunk_elements must be >= 1")
+        outside = [name for name in self.extreme_layers if name not in self.layers]
+        if outside:
+            raise ConfigError(f"extreme_layers {outside} are not layers of S or D: the extreme evidence reads only layers the analysis reads")
+        if not 0.0 <= _real(self.extreme_fpr, "extreme_fpr") <= 1.0:
+            raise ConfigError(f"extreme_fpr={self.extreme_fpr} must lie in [0, 1]")
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -140,8 +181,10 @@ class ZMaskConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ZMaskConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error so that typos do not pass silently."""
+        if not isinstance(data, Mapping):
+            raise ZMaskTypeError(f"a configuration must be a mapping of setting names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
@@ -166,6 +209,7 @@ class ZMaskConfig:
 
     @classmethod
     def _scaled(cls, shallow, deep, input_size, heatmap, paper_input, paper_heatmap, s_kernels, d_kernels, kwargs):
+        input_size = _as_pair(input_size, "input_size")
         if heatmap is None:
             ratio_h, ratio_w = paper_heatmap[0] / paper_input[0], paper_heatmap[1] / paper_input[1]
             heatmap = (max(8, round(input_size[0] * ratio_h)), max(8, round(input_size[1] * ratio_w)))
@@ -179,11 +223,34 @@ class ZMaskConfig:
         )
 
 
+def _real(value: Any, name: str) -> float:
+    """``value`` as a finite float; a string, bool, None or NaN/Inf is an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ZMaskTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high]; a float, bool or string is an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ZMaskTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name}={value} must be {bound}")
+    return int(value)
+
+
 def _as_pair(value: Any, name: str) -> tuple[int, int]:
     try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
         first, second = value
+        if isinstance(first, bool) or isinstance(second, bool):
+            raise TypeError
         pair = (int(first), int(second))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ZMaskTypeError(f"{name}: expected a (height, width) pair of integers, got {value!r}") from None
     if pair != (first, second) or min(pair) < 1:
         raise ConfigError(f"{name}: expected positive integers, got {value!r}")

@@ -15,7 +15,6 @@ import torch
 
 if TYPE_CHECKING:
     from .core.analysis import Analysis
-    from .defense import ZMask
 
 #: A loss term of an attack: (weight in the update direction, scalar tensor to *minimise*).
 WeightedTerm = tuple[float, torch.Tensor]
@@ -125,7 +124,7 @@ class FitContext:
     random on training images (half of them clean)."""
 
     model: torch.nn.Module
-    zmask: ZMask
+    zmask: torch.nn.Module  # the fitted zmask.ZMask (not imported here: the defense builds on these contracts)
     train: Any
     patches: Sequence[torch.Tensor]
     clean_batches: list[torch.Tensor]
@@ -165,7 +164,7 @@ class AttackContext:
     (ungated, differentiable heatmaps, soft mask and score), and the task with the batch's labels
     and the attack objective's name (to evaluate the task loss of a re-processed batch)."""
 
-    defense: ZMask
+    defense: torch.nn.Module  # the zmask.ZMask under attack
     images: torch.Tensor
     patch_masks: torch.Tensor
     output: Any

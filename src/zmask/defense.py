@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +16,18 @@ from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze, compute_heatmaps
 from .core.calibration import Calibration, calibrate_threshold
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
+from .core.extremes import ExtremeAccumulator, LayerExtremes
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
 from .core.masking import apply_mask
-from .core.profile import Profile, check_model_fits, load_profile, save_profile
+from .core.profile import Profile, check_model_fits, check_weights, load_profile, save_profile, weights_fingerprints
 from .core.refinement import LayerRefiner
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
 from .errors import ConfigError, InputError, NotFittedError, ProfileError, ZMaskTypeError
-from .validation import batch_images, batch_images_and_masks, check_images, check_masks
+from .validation import batch_images, batch_images_and_masks, check_images, check_masks, check_threshold, model_dtype
+
+logger = logging.getLogger(__name__)
 
 Detection = Analysis  # the name of earlier releases
-
 
 @dataclass
 class DefenseOutput:
@@ -70,10 +73,25 @@ class ZMask(nn.Module):
         self.statistics = statistics
         self.threshold = threshold
         self.calibration: Calibration | None = None
+        # Channel-extreme evidence (config.extreme_layers): clean statistics of channel maxima and
+        # the threshold of the extreme score, with its operating point on the calibration data.
+        self.extremes: dict[str, LayerExtremes] | None = None
+        self.extreme_threshold: float | None = None
+        self.extreme_calibration: Calibration | None = None
         self.fit_input_size: tuple[int, int] | None = None
         self._refiner = LayerRefiner(config)
         self._clone_activations = False  # set once a forward pass is seen to change a read layer in place
         self._device_statistics: dict[str, dict[str, LayerStatistics]] = {}
+        self._device_extremes: dict[str, dict[str, LayerExtremes]] = {}
+
+    @property
+    def threshold(self) -> float | None:
+        """lambda0: ``score > threshold`` flags an image (None until calibrated); checked when set."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: Any) -> None:
+        self._threshold = check_threshold(value)
 
     # ------------------------------------------------------------------ fitting
     def fit_statistics(self, data: Iterable[Any], max_images: int | None = None, progress: bool = False) -> ZMask:
@@ -86,22 +104,30 @@ class ZMask(nn.Module):
         """
         config = self.config
         accumulator = StatisticsAccumulator(config.heatmap_size, config.planes, config.std_estimator)
+        maxima = ExtremeAccumulator()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 for batch in tqdm(data, desc="statistics", disable=not progress):
-                    images = check_images(batch_images(batch), config.in_channels)
+                    images = check_images(batch_images(batch), config.in_channels, dtype=model_dtype(self.model))
                     if max_images is not None:
                         images = images[: max(0, max_images - accumulator.images)]
                         if images.shape[0] == 0:
                             break
-                    accumulator.update(self.capture(images)[1])
+                    activations = self.capture(images)[1]
+                    accumulator.update(activations)
+                    if config.extreme_layers:
+                        maxima.update({name: activations[name] for name in config.extreme_layers})
                     self.fit_input_size = tuple(images.shape[-2:])
         finally:
             self.model.train(was_training)
         accumulator.all_reduce()
         self.set_statistics(accumulator.compute())
+        if config.extreme_layers:
+            maxima.all_reduce()
+            self.extremes = maxima.compute()
+            self._device_extremes.clear()
         return self
 
     def set_statistics(self, statistics: dict[str, LayerStatistics]) -> None:
@@ -135,7 +161,7 @@ class ZMask(nn.Module):
         """(ungated analysis, validated binary patch masks) for each (images, patch_masks) batch of ``data``."""
         for batch in tqdm(data, desc=description, disable=not progress):
             images, masks = batch_images_and_masks(batch)
-            images = check_images(images, self.config.in_channels)
+            images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
             masks = check_masks(masks.to(images.device), images)
             yield self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate=False), masks
 
@@ -147,11 +173,13 @@ class ZMask(nn.Module):
 
     def calibrate(self, data: Iterable[Any], target_fpr: float | None = None, progress: bool = False) -> Calibration:
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty."""
-        scores, labels = [], []
+        scores, labels, hyper = [], [], []
         with torch.no_grad():
             for analysis, masks in self._labelled_analyses(data, "calibration", progress):
                 scores.append(analysis.score.cpu())
                 labels.append(masks.flatten(1).amax(1).cpu() > 0)
+                if analysis.extreme_score is not None:
+                    hyper.append(analysis.extreme_score.cpu())
         if not scores:
             raise InputError("no calibration batches were given")
         scores_all, labels_all = torch.cat(scores), torch.cat(labels)
@@ -159,6 +187,14 @@ class ZMask(nn.Module):
             raise InputError("calibration needs both clean images (empty masks) and patched images")
         self.calibration = calibrate_threshold(scores_all[~labels_all], scores_all[labels_all], target_fpr)
         self.threshold = self.calibration.threshold
+        if hyper:
+            hyper_all = torch.cat(hyper)
+            self.extreme_calibration = calibrate_threshold(hyper_all[~labels_all], hyper_all[labels_all], self.config.extreme_fpr)
+            self.extreme_threshold = self.extreme_calibration.threshold
+            logger.info("calibrated the extreme-score threshold %.4f (calibration TPR %.3f, FPR %.3f)", self.extreme_threshold,
+                        self.extreme_calibration.true_positive_rate, self.extreme_calibration.false_positive_rate)
+        logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", self.threshold,
+                    int((~labels_all).sum()), int(labels_all.sum()), self.calibration.auc)
         return self.calibration
 
     # ------------------------------------------------------------------ analysis
@@ -173,7 +209,9 @@ class ZMask(nn.Module):
             return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
         with ActivationCapture(self.model, self.config.layers, self.on_repeat, clone=False) as capture:
             output = self.model(images)
-        if capture.modified():
+        modified = capture.modified()
+        if modified:
+            logger.info("the model changes layers %s in place after they are read: copying layer outputs from now on", modified)
             self._clone_activations = True
             return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
         return output, capture.require_all()
@@ -193,8 +231,14 @@ class ZMask(nn.Module):
         if not activations:
             raise InputError("no activations were given")
         device = next(iter(activations.values())).device
+        extremes = None
+        if self.extremes is not None:
+            key = str(device)
+            if key not in self._device_extremes:
+                self._device_extremes[key] = {name: stats.to(device) for name, stats in self.extremes.items()}
+            extremes = self._device_extremes[key]
         return analyze(activations, self._statistics_on(device), self.fusion, self.config, self._refiner, self.threshold,
-                       input_size, gate, per_layer)
+                       input_size, gate, per_layer, extremes, self.extreme_threshold)
 
     def heatmaps_from_activations(self, activations: dict[str, torch.Tensor], per_layer: bool = False) -> Heatmaps:
         """H_S and H_D from captured activations (pixel-wise max over the layers of each set)."""
@@ -206,12 +250,12 @@ class ZMask(nn.Module):
 
     def heatmaps(self, images: torch.Tensor, per_layer: bool = False) -> Heatmaps:
         """H_S and H_D of a batch (one forward pass of the model)."""
-        images = check_images(images, self.config.in_channels)
+        images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
         return self.heatmaps_from_activations(self.capture(images)[1], per_layer)
 
     def detect(self, images: torch.Tensor, gate: bool = True) -> Analysis:
         """Score, flag and mask a batch without re-processing it."""
-        images = check_images(images, self.config.in_channels)
+        images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
         return self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate)
 
     def apply_mask(self, images: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
@@ -220,7 +264,7 @@ class ZMask(nn.Module):
 
     def forward(self, images: torch.Tensor, gate: bool = True, return_heatmaps: bool = False) -> DefenseOutput:
         """Defended inference; with ``gate=False`` every image is masked (the authors' demo)."""
-        images = check_images(images, self.config.in_channels)
+        images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
         output, activations = self.capture(images)
         analysis = self.analyze(activations, tuple(images.shape[-2:]), gate)
         if analysis.flagged.any():
@@ -235,19 +279,29 @@ class ZMask(nn.Module):
         if self.statistics is None:
             raise ProfileError("nothing to save: the defense has no statistics yet (call fit_statistics first)")
         calibration = self.calibration.__dict__ if self.calibration is not None else None
+        extreme_calibration = self.extreme_calibration.__dict__ if self.extreme_calibration is not None else None
         return Profile(self.config, self.statistics, self.fusion.values(), self.threshold, calibration, self.fit_input_size,
-                       type(self.model).__name__)
+                       type(self.model).__name__, weights_fingerprints(self.model), self.extremes, self.extreme_threshold,
+                       extreme_calibration)
 
     def save(self, path: str | Path) -> Path:
-        """Write the profile (configuration, statistics, fusion parameters, lambda0) to ``path``."""
+        """Write the profile (configuration, statistics, fusion parameters, lambda0, a fingerprint of
+        the model's weights) to ``path``."""
         return save_profile(self.profile(), path)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, check_model: bool = True, **kwargs: Any) -> ZMask:
-        """Rebuild a defense from a profile for ``model``; a mismatching model raises ``ProfileError``."""
+    def load(cls, path: str | Path, model: nn.Module, check_model: bool = True, allow_other_weights: bool = False,
+             **kwargs: Any) -> ZMask:
+        """Rebuild a defense from a profile for ``model``; a mismatching model raises ``ProfileError``.
+
+        ``check_model``: run one blank image through ``model`` to compare layer channel counts,
+        and compare the model's weights with the fingerprint the profile records (a profile fitted
+        on other weights of the same architecture is refused unless ``allow_other_weights``).
+        """
         profile = load_profile(path)
         if check_model:
             check_model_fits(profile, model, path, kwargs.get("on_repeat", "error"))
+            check_weights(profile, model, path, allow_other_weights)
         else:
             try:
                 resolve_modules(model, profile.config.layers)
@@ -257,12 +311,28 @@ class ZMask(nn.Module):
         fusion.load_values(profile.fusion)
         defense = cls(model, profile.config, statistics=profile.statistics, fusion=fusion, threshold=profile.threshold, **kwargs)
         defense.fit_input_size = profile.input_size
+        defense.extremes, defense.extreme_threshold = profile.extremes, profile.extreme_threshold
+        if profile.extreme_calibration is not None:
+            defense.extreme_calibration = Calibration(**profile.extreme_calibration)
         if isinstance(profile.calibration, dict):
             try:
                 defense.calibration = Calibration(**profile.calibration)
             except TypeError:
                 raise ProfileError(f"profile {path}: its calibration record has unexpected fields {sorted(profile.calibration)}") from None
         return defense
+
+    @classmethod
+    def from_preset(cls, preset: Any, pretrained: bool = True, **kwargs: Any) -> ZMask:
+        """The preset's model (``preset.build(pretrained)``) defended with the profile shipped for it
+        (``preset.profile()``, SHA-256 checked). ``preset``: a :class:`~zmask.models.ModelPreset`
+        or the name of a registered one; ``kwargs`` go to :meth:`load`."""
+        if isinstance(preset, str):
+            from .models import get_preset
+
+            preset = get_preset(preset)
+        path = preset.profile()
+        logger.info("loading the shipped profile %s for preset %s", path, preset.name)
+        return cls.load(path, preset.build(pretrained), **kwargs)
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:

@@ -11,6 +11,7 @@ line per frame, and returns a summary.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from .data.video import VideoWriter, open_frames
 from .defense import ZMask
 from .errors import ZMaskError
+
+logger = logging.getLogger(__name__)
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 Render = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -277,6 +280,7 @@ def defend_video(
     seconds = time.perf_counter() - started
     if count == 0:
         raise ZMaskError(f"{source} has no frames")
+    logger.info("defended %s: %d of %d frames flagged in %.1f s; wrote %s", source, flagged, count, seconds, video_path)
     return {
         "frames": count,
         "flagged": flagged,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,8 +12,18 @@ import torch
 from .errors import InputError, ZMaskTypeError
 
 
-def check_images(images: Any, in_channels: int = 3, name: str = "images") -> torch.Tensor:
-    """Validate a B x C x H x W floating-point batch of finite values and return it."""
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The floating-point dtype the model computes in (its first floating parameter or buffer), or None."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def check_images(images: Any, in_channels: int = 3, name: str = "images", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Validate a B x C x H x W floating-point batch of finite values and return it, converted to
+    ``dtype`` when given (float64 or half images for a float32 model, float32 ones for a
+    bfloat16 model: the model gets its own dtype instead of failing inside torch)."""
     if not isinstance(images, torch.Tensor):
         raise ZMaskTypeError(f"{name} must be a torch.Tensor of shape B x {in_channels} x H x W, got {type(images).__name__}")
     if images.dim() != 4:
@@ -24,9 +37,25 @@ def check_images(images: Any, in_channels: int = 3, name: str = "images") -> tor
         raise InputError(f"{name} has {images.shape[1]} channels, the model expects {in_channels} (shape {tuple(images.shape)})")
     if images.shape[2] == 0 or images.shape[3] == 0:
         raise InputError(f"{name} has an empty spatial size {tuple(images.shape[2:])}")
+    if dtype is not None and images.dtype != dtype:
+        images = images.to(dtype)
     if not torch.isfinite(images).all():
         raise InputError(f"{name} contains NaN or Inf values")
     return images
+
+
+def check_threshold(value: Any, name: str = "threshold") -> float | None:
+    """lambda0 as a float (or None: not calibrated). A string, bool or NaN is refused by name;
+    +-inf are allowed (never / always flag)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ZMaskTypeError(f"{name} must be a number (or None before calibration), got {value!r} ({type(value).__name__})")
+    if math.isnan(value):
+        raise InputError(f"{name} is NaN: no score would ever be flagged")
+    return float(value)
 
 
 def check_masks(masks: Any, images: torch.Tensor, name: str = "masks") -> torch.Tensor:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from zmask.cli import main
+from zmask.models import get_preset
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -161,3 +162,34 @@ def test_committed_experiment_configs_are_complete():
         paths += [values["profile"]] if "profile" in values else []
         missing = [p for p in paths if not (root / p).is_file()]
         assert not missing, f"{config.name}: {missing}"
+        # the profile an experiment evaluates, or a fit writes, is the one shipped with the preset
+        shipped = get_preset(values["model"]).profile_record.path
+        assert (root / values["profile" if command == "evaluate" else "out"]).resolve() == shipped.resolve(), config.name
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from zmask.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= {"demo", "fit", "defend", "attack", "evaluate", "bench", "models", "assets"}
+    bare = [f"{name} {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+            if not (action.help or "").removesuffix("(required)").strip()]
+    assert not bare, f"options without help: {bare}"
+
+
+def test_defend_a_preset_without_profile_uses_the_shipped_one(capsys, workspace, assets):
+    from zmask.assets import sha256_of
+
+    folder = workspace / "shipped_inputs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(assets / "camvid" / (assets / "camvid" / "val.txt").read_text().split()[0], folder)
+    out = workspace / "shipped_defended"
+    code, stdout, _ = run(capsys, "defend", str(folder), "--model", "espnet_camvid", "--out", str(out), "--json")
+    assert code == 0
+    record = json.loads(stdout.splitlines()[0])
+    preset = get_preset("espnet_camvid")
+    assert record["threshold"] == pytest.approx(preset.profile_record.metrics["lambda0"], abs=1e-4)
+    run_record = json.loads((out / "run.json").read_text())
+    assert run_record["profile_sha256"] == sha256_of(preset.profile()) == preset.profile_record.sha256

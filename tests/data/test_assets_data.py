@@ -140,3 +140,53 @@ def test_coco_evaluator_perfect_and_empty(assets):
     empty = CocoEvaluator(annotation_file)
     empty.update([dataset.records[0]["id"]], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}])
     assert empty.compute()["map"] == 0.0
+
+
+def _zmask_assets(cwd, environment: dict[str, str]):
+    """``zmask assets --json`` (and its human listing) run as a fresh process in ``cwd``, on this checkout's code."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {k: v for k, v in os.environ.items() if k not in ("ZMASK_ASSETS", "ZMASK_CACHE")}
+    env.update(environment, PYTHONPATH=os.pathsep.join([str(src), env.get("PYTHONPATH", "")]))
+    both = "from zmask.cli import main; main(['assets', '--json']); main(['assets'])"  # one process, two listings
+    machine, looked = subprocess.run([sys.executable, "-c", both], cwd=cwd, env=env, capture_output=True, text=True,
+                                     check=True).stdout.splitlines()[:2]
+    return {row["name"]: row for row in json.loads(machine)}, looked
+
+
+def test_relative_zmask_assets_is_resolved_against_the_current_folder(assets, tmp_path):
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    relative = os.path.relpath(assets, elsewhere)
+    rows, looked = _zmask_assets(elsewhere, {"ZMASK_ASSETS": relative, "ZMASK_CACHE": str(tmp_path / "cache")})
+    assert all(row["state"] == "ok" for row in rows.values()), rows
+    assert rows["espnet_camvid"]["path"] == str(assets.resolve() / "weights" / "espnet_p_2_q_8_camvid.pth")
+    assert looked.startswith(f"looked in: {assets.resolve()} (ZMASK_ASSETS)")
+
+
+def test_unset_zmask_assets_finds_the_folder_beside_the_checkout(assets, tmp_path):
+    from zmask.assets import repository_root
+
+    root = repository_root()
+    beside = root.parent / "shared" / "assets" if root is not None else None
+    if beside is None or beside.resolve() != assets.resolve():
+        pytest.skip("the assets folder is not beside this checkout")
+    rows, looked = _zmask_assets(tmp_path, {"ZMASK_CACHE": str(tmp_path / "cache")})
+    assert all(row["state"] == "ok" for row in rows.values()), rows
+    assert looked.startswith(f"looked in: {beside} (beside the repository checkout), {tmp_path / 'cache'} (user cache)")
+
+
+def test_an_installed_copy_does_not_guess_a_repository(tmp_path, monkeypatch):
+    from zmask import assets as assets_module
+
+    monkeypatch.setattr(assets_module, "__file__", str(tmp_path / "site-packages" / "zmask" / "assets.py"))
+    monkeypatch.delenv("ZMASK_ASSETS", raising=False)
+    monkeypatch.setenv("ZMASK_CACHE", str(tmp_path / "cache"))
+    assert assets_module.repository_root() is None
+    assert assets_module.search_locations() == [(tmp_path / "cache", "user cache")]

@@ -70,3 +70,22 @@ def test_yolov5_objectives_and_letterbox(assets):
         model.objective(images, [{"boxes": targets[0]["boxes"], "labels": torch.tensor([12])}])
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.rand(1, 3, 300, 300))
+
+
+def test_segmenter_wrapper_takes_num_classes_and_normalisation():
+    from zmask import ConfigError
+    from zmask.models import TorchvisionSegmenter, build_segmenter
+
+    torch.manual_seed(0)
+    model = build_segmenter("lraspp_mobilenet_v3_large", pretrained=False, num_classes=11, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        logits = model(images)
+        inner = model.model((images - 0.5) / 0.25)["out"]
+    assert logits.shape == (2, 11, 64, 96) and torch.equal(logits, inner)  # the given normalisation is applied inside
+    with pytest.raises(ConfigError, match="predict 21 classes, not 11"):
+        build_segmenter("lraspp_mobilenet_v3_large", pretrained=True, num_classes=11)  # refused before any download
+    with pytest.raises(ConfigError, match="std must be positive"):
+        TorchvisionSegmenter(torch.nn.Identity(), std=(0.0, 1.0, 1.0))
+    plain = TorchvisionSegmenter(torch.nn.Conv2d(3, 4, 1), mean=(0.0,), std=(1.0,))  # a model returning a tensor is wrapped too
+    assert plain(images).shape == (2, 4, 64, 96)

@@ -17,6 +17,8 @@ function here or in a file of its own, decorated with ``@ADAPTIVE_OBJECTIVES.reg
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -43,20 +45,28 @@ def flag_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     return {"flag_bce": -F.binary_cross_entropy(flag, torch.ones_like(flag))}
 
 
-def straight_through_keep_mask(analysis: Analysis, threshold: float | None, gate: bool = True) -> torch.Tensor:
+def straight_through_keep_mask(analysis: Analysis, threshold: float | None, gate: bool = True,
+                               extreme_threshold: float | None = None) -> torch.Tensor:
     """The defense's keep-mask (B x 1 x H x W, 1 = keep) with straight-through gradients.
 
-    Forward: exactly Eq. 4 as the defense applies it - 1[M~ > mask threshold] upsampled, dilated by
-    ``mask_dilation``, only on images whose score exceeds ``threshold`` (every image with
-    ``gate=False``). Backward: the upsampled soft mask M~ stands for the binary mask (undilated),
-    and sigmoid(d - lambda0) for the flag.
+    Forward: exactly Eq. 4 as the defense applies it - 1[M~ > mask threshold] upsampled (with the
+    channel-extreme coverage when the defense has it), dilated by ``mask_dilation``, only on images
+    that are flagged (every image with ``gate=False``). Backward: the upsampled soft mask M~ stands
+    for the binary mask, and sigmoid(d - lambda0) for the flag - or, with the extreme evidence,
+    1 - (1 - sigmoid(d - lambda0)) (1 - sigmoid(x - lambda_x)) for "either score fires".
     """
-    soft = F.interpolate(analysis.soft_mask, size=tuple(analysis.input_size), mode="nearest")
-    hard = dilate_mask((soft.detach() > analysis.mask_threshold).float(), analysis.mask_dilation)
+    size = tuple(analysis.input_size)
+    soft = F.interpolate(analysis.soft_mask, size=size, mode="nearest")
+    hard = (soft.detach() > analysis.mask_threshold).float()
+    if analysis.coverage is not None:
+        hard = torch.maximum(hard, F.interpolate(analysis.coverage.float(), size=size, mode="nearest"))
+    hard = dilate_mask(hard, analysis.mask_dilation)
     masked = hard + (soft - soft.detach())  # exactly ``hard`` forward, the soft mask's gradient backward
     if gate and threshold is not None:
         probability = torch.sigmoid(analysis.score - threshold)
-        flag = (analysis.score.detach() > threshold).float() + (probability - probability.detach())
+        if analysis.extreme_score is not None and extreme_threshold is not None:
+            probability = 1 - (1 - probability) * (1 - torch.sigmoid(analysis.extreme_score - extreme_threshold))
+        flag = analysis.flagged.float() + (probability - probability.detach())
         masked = masked * flag.view(-1, 1, 1, 1)
     return 1.0 - masked
 
@@ -66,7 +76,13 @@ def end_to_end_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """The task loss after the defense: mask the batch with the straight-through keep-mask, process
     it again, and take the task's attack terms on that output (their weighted sum, to minimise)."""
     defense = context.defense
-    keep = straight_through_keep_mask(context.analysis, defense.threshold)
+    analysis = context.analysis
+    if defense.threshold is not None:  # the attack sees the ungated analysis: recompute the defense's own flags
+        flagged = analysis.score.detach() > defense.threshold
+        if analysis.extreme_score is not None and defense.extreme_threshold is not None:
+            flagged = flagged | (analysis.extreme_score.detach() > defense.extreme_threshold)
+        analysis = dataclasses.replace(analysis, flagged=flagged)
+    keep = straight_through_keep_mask(analysis, defense.threshold, extreme_threshold=defense.extreme_threshold)
     masked = apply_mask(context.images, keep, defense.config.fill_value)
     output = context.task.forward(masked)
     terms = context.task.attack_terms(output, context.batch, masked, context.patch_masks, 1.0, context.objective)
@@ -81,4 +97,7 @@ def suppression_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     area = inside.flatten(1).sum(1).clamp(min=1.0)
     shallow = (heatmaps.shallow * inside).flatten(1).sum(1) / area
     deep = (heatmaps.deep * inside).flatten(1).sum(1) / area
-    return {"heatmaps_inside_patch": (shallow + deep).mean()}
+    terms = {"heatmaps_inside_patch": (shallow + deep).mean()}
+    if context.analysis.extreme_score is not None:  # against the hardened defense: its second score too
+        terms["extreme_score"] = context.analysis.extreme_score.mean()
+    return terms

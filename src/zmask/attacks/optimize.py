@@ -8,6 +8,7 @@ alpha, smoothness, printability) mean what they say whatever the terms' scales.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from ..errors import ConfigError, ZMaskError
 from .adaptive import ADAPTIVE_OBJECTIVES
 from .losses import default_printable_colours, non_printability, over_activation_loss, smoothness
 from .placement import EOTConfig, apply_patch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class PatchAttack:
             history.append(record)
             if callback is not None:
                 callback(step, patch.detach(), record)
+        logger.info("patch attack: %d steps on %d images, last loss terms %s", config.steps, len(data), history[-1] if history else {})
         return AttackResult(patch.detach().cpu(), history, config)
 
     def _terms(self, placed, batch: dict[str, Any], patch: torch.Tensor) -> dict[str, WeightedTerm]:

@@ -14,6 +14,7 @@ from ..data.io import read_image
 from ..errors import ZMaskError
 
 MAX_SIDECAR_BYTES = 1024 * 1024
+MAX_SIDECAR_DEPTH = 32  # the sidecars zmask writes are 3 levels deep
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -45,9 +46,25 @@ def load_patch(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
             raise ZMaskError(f"patch sidecar {sidecar} is larger than {MAX_SIDECAR_BYTES} bytes")
         try:
             metadata = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as error:
-            raise ZMaskError(f"patch sidecar {sidecar} is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError; RecursionError: nesting
+            reason = "nested deeper than Python can parse" if isinstance(error, RecursionError) else str(error)
+            raise ZMaskError(f"patch sidecar {sidecar} is not valid JSON: {reason}") from None
+        if not isinstance(metadata, dict):
+            raise ZMaskError(f"patch sidecar {sidecar} must hold a JSON object, got {type(metadata).__name__}")
+        if _depth(metadata) > MAX_SIDECAR_DEPTH:
+            raise ZMaskError(f"patch sidecar {sidecar} is nested more than {MAX_SIDECAR_DEPTH} levels deep")
     return patch, metadata
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (0 for a scalar), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def random_noise_patch(size: tuple[int, int], seed: int = 0) -> torch.Tensor:

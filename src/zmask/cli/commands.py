@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, ZMaskError
 from .parser import VIDEO_SUFFIXES
 from .records import write_run_record
 
@@ -26,49 +28,119 @@ def _load_patch_file(path: str) -> torch.Tensor:
     return load_patch(path)[0]
 
 
+_USER_MODEL_OPTIONS = ("task", "input_size", "num_classes", "ignore_index")
+
+
+@contextlib.contextmanager
+def _importable_from_here():
+    """Let ``--model my_module:factory`` find modules in the current folder, as ``python -m`` would,
+    while the factory is first imported (later uses find it in ``sys.modules``)."""
+    import os
+
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
+def _model_preset(args: argparse.Namespace, profile: str | Path | None = None):
+    """The preset named by ``--model``, or one made on the fly from ``--model module:factory`` and the
+    options that describe it (``--task``, ``--input-size``, ``--num-classes``, ``--shallow/--deep``,
+    where missing read from ``profile``)."""
+    from ..models import get_preset, is_factory_spec, preset_from_factory
+
+    if not is_factory_spec(args.model):
+        given = [f"--{name.replace('_', '-')}" for name in _USER_MODEL_OPTIONS if getattr(args, name, None) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} describe your own model (--model module:factory); preset {args.model!r} has its own")
+        return get_preset(args.model)
+    shallow, deep, input_size = getattr(args, "shallow", None), getattr(args, "deep", None), args.input_size
+    if profile is not None and not (shallow and deep and input_size):
+        from ..core.profile import load_profile
+
+        recorded = load_profile(profile)
+        if not (shallow or deep):
+            shallow, deep = list(recorded.config.shallow_layers), list(recorded.config.deep_layers)
+        input_size = input_size or recorded.input_size
+    needed = [("--task", args.task), ("--input-size", input_size)]
+    if args.command == "fit":
+        needed += [("--shallow", shallow), ("--deep", deep)]
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        raise UsageError(f"--model {args.model} is your own model: give {' and '.join(missing)} "
+                         f"(list its layers with `zmask models --layers {args.model}`)")
+    with _importable_from_here():
+        return preset_from_factory(args.model, args.task, tuple(input_size), tuple(shallow or ()), tuple(deep or ()),
+                                   args.num_classes or 0, 255 if args.ignore_index is None else args.ignore_index)
+
+
+def _profile_for(args: argparse.Namespace, preset) -> Path:
+    """``--profile``, or the profile shipped with the preset (SHA-256 checked)."""
+    return Path(args.profile) if args.profile else preset.profile()
+
+
+def _profile_record(path: Path) -> dict[str, Any]:
+    """What a run record says about the profile it used: its path and SHA-256."""
+    from ..assets import sha256_of
+
+    return {"profile": str(path), "profile_sha256": sha256_of(path)}
+
+
 # ---------------------------------------------------------------- models / assets
 def run_models(args: argparse.Namespace) -> int:
-    from ..models import PRESETS, get_preset
+    from ..models import PRESETS, build_from_factory, get_preset, is_factory_spec
 
     if args.layers:
-        preset = get_preset(args.layers)
-        names = [name for name, _ in preset.build(False).named_modules() if name]
+        if is_factory_spec(args.layers):
+            with _importable_from_here():
+                model = build_from_factory(args.layers, pretrained=False)
+        else:
+            model = get_preset(args.layers).build(False)
+        names = [name for name, _ in model.named_modules() if name]
         _print(args, "\n".join(names), names)
         return 0
     rows = [{"name": p.name, "task": p.task, "input": list(p.input_size), "shallow": list(p.shallow_layers), "deep": list(p.deep_layers),
-             "heatmap": list(p.heatmap_size), "weights": p.pretrained_source, "description": p.description} for p in PRESETS.values()]
-    lines = [f"{r['name']:32s} {r['task']:13s} {r['input'][0]}x{r['input'][1]:<5d} S={','.join(r['shallow'])}  D={','.join(r['deep'])}" for r in rows]
+             "heatmap": list(p.heatmap_size), "weights": p.pretrained_source, "description": p.description,
+             "shipped_profile": p.profile_record.file if p.profile_record else None} for p in PRESETS.values()]
+    lines = [f"{r['name']:32s} {r['task']:13s} {r['input'][0]}x{r['input'][1]:<5d} S={','.join(r['shallow'])}  D={','.join(r['deep'])}"
+             + ("  (profile shipped)" if r["shipped_profile"] else "") for r in rows]
     _print(args, "\n".join(lines), rows)
     return 0
 
 
 def run_assets(args: argparse.Namespace) -> int:
-    from ..assets import download_asset, search_folders, status
+    from ..assets import download_asset, search_locations, status
 
     if args.download:
         path = download_asset(args.download)
         _print(args, f"downloaded {args.download} to {path}", {"name": args.download, "path": str(path)})
         return 0
     rows = status()
-    lines = [f"looked in: {', '.join(str(f) for f in search_folders())}"]
+    lines = [f"looked in: {', '.join(f'{folder} ({origin})' for folder, origin in search_locations())}"]
     lines += [f"{r['state']:9s} {r['name']:28s} {r['path']}\n          source: {r['source']} ({r['licence']})" + (f"\n          {r['detail']}" if r['detail'] else "") for r in rows]
     _print(args, "\n".join(lines), rows)
     return 0
 
 
 # ---------------------------------------------------------------- attack
-def craft_patch(preset_name: str, size: str, config, profile: str | None = None, split: str = "train", limit: int | None = None,
+def craft_patch(preset_name, size: str, config, profile: str | Path | None = None, split: str = "train", limit: int | None = None,
                 initial: torch.Tensor | None = None, progress: bool = True, data_root=None) -> tuple[Any, dict[str, Any]]:
-    """Craft a patch for a preset on its training split; returns the result and sidecar metadata.
+    """Craft a patch for a preset (a name or a :class:`~zmask.models.ModelPreset`) on its training
+    split; returns the result and sidecar metadata.
 
     ``profile``: a fitted Z-Mask profile, needed for activation-aware (beta < 1) and defense-aware attacks.
     """
     from ..attacks import PatchAttack
     from ..data.cache import CachedDataset
     from ..defense import ZMask
-    from ..models import get_preset
+    from ..models import ModelPreset, get_preset
 
-    preset = get_preset(preset_name)
+    preset = preset_name if isinstance(preset_name, ModelPreset) else get_preset(preset_name)
     model = preset.build(True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -79,7 +151,7 @@ def craft_patch(preset_name: str, size: str, config, profile: str | None = None,
     result = attack.run(data, initial=initial, progress=progress)
     final = {k: sum(h[k] for h in result.history[-10:]) / len(result.history[-10:]) for k in result.history[-1]} if result.history else {}
     metadata = {
-        "model": preset_name, "task": preset.task, "size": size, "split": split, "images": len(data), "loss": config.objective,
+        "model": preset.name, "task": preset.task, "size": size, "split": split, "images": len(data), "loss": config.objective,
         "beta": config.beta, "alpha": config.alpha, "profile": str(profile) if profile else None, "defense_attack": config.defense_attack, "seed": config.seed,
         "attack": config.to_dict(), "final_loss_terms_last10": final,
     }
@@ -88,9 +160,8 @@ def craft_patch(preset_name: str, size: str, config, profile: str | None = None,
 
 def run_attack(args: argparse.Namespace) -> int:
     from ..attacks import AttackConfig, random_noise_patch, save_patch
-    from ..models import get_preset
 
-    preset = get_preset(args.model)
+    preset = _model_preset(args, args.profile)
     size = preset.patch_size(args.size)
     if args.noise:
         patch = random_noise_patch(size, args.seed)
@@ -101,11 +172,14 @@ def run_attack(args: argparse.Namespace) -> int:
         patch_size=size, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, beta=args.beta, alpha=args.alpha,
         defense_attack=args.defense_attack, objective=args.objective, smoothness_weight=args.smoothness, seed=args.seed,
     )
-    if (args.beta < 1.0 or args.defense_attack) and not args.profile:
-        raise UsageError("beta < 1 and defense-aware attacks need --profile (a fitted Z-Mask profile from `zmask fit`)")
+    profile = None
+    if args.beta < 1.0 or args.defense_attack:
+        if not args.profile and preset.profile_record is None:
+            raise UsageError("beta < 1 and defense-aware attacks need --profile (a fitted Z-Mask profile from `zmask fit`)")
+        profile = _profile_for(args, preset)
     initial = _load_patch_file(args.resume) if args.resume else None
     started = time.time()
-    result, metadata = craft_patch(args.model, args.size, config, profile=args.profile, split=args.split, limit=args.limit,
+    result, metadata = craft_patch(preset, args.size, config, profile=profile, split=args.split, limit=args.limit,
                                    initial=initial, progress=not args.no_progress, data_root=args.data)
     metadata.update(seconds_per_step=(time.time() - started) / max(config.steps, 1), resumed_from=args.resume, command="zmask attack")
     path = save_patch(result.patch, args.out, metadata)
@@ -119,9 +193,8 @@ def run_fit(args: argparse.Namespace) -> int:
     from ..core.fusion import FusionTraining
     from ..data.cache import CachedDataset
     from ..evaluation import FitPlan, fit_zmask
-    from ..models import get_preset
 
-    preset = get_preset(args.model)
+    preset = _model_preset(args)
     overrides = {}
     if args.shallow:
         overrides["shallow_layers"] = tuple(args.shallow)
@@ -180,47 +253,107 @@ def _to_png(tensor: torch.Tensor, path: Path) -> None:
 
 
 def run_defend(args: argparse.Namespace) -> int:
-    from ..data import read_image
     from ..defense import ZMask
-    from ..models import get_preset
 
-    preset = get_preset(args.model)
+    preset = _model_preset(args, args.profile)
+    profile = _profile_for(args, preset)
     model = preset.build(True)
-    defense = ZMask.load(args.profile, model)
+    defense = ZMask.load(profile, model, allow_other_weights=args.allow_other_weights)
     images, videos = _split_inputs(args.inputs, args.frames)
     out = Path(args.out)
     for folder in ("masked", "masks", "heatmaps"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    write_run_record(out, args, {"profile": str(args.profile), "images": len(images), "videos": [str(v) for v in videos]})
+    names, video_names = _output_names(images), _output_names(videos)
+    base = {**_profile_record(profile), "images": len(images), "videos": [str(v) for v in videos], "results": "results.jsonl"}
+    # Written now as "running" and again when the run ends, so an interrupted run says what was done
+    # (results.jsonl gets one line per image as soon as it is processed).
+    write_run_record(out, args, {**base, "status": "running", "processed": [], "failed": []})
+    processed: list[dict[str, str]] = []
+    failed: list[dict[str, str]] = []
     lines = []
-    with open(out / "results.jsonl", "w") as results:
-        for path in images:
-            image, note = preset.prepare_image(read_image(path))
-            with torch.no_grad():
-                result = defense(image[None], return_heatmaps=True)
-            detection = result.detection
-            keep = detection.keep_mask[0]
-            stem = path.stem
-            _to_png(defense.apply_mask(image[None], keep[None])[0], out / "masked" / f"{stem}.png")
-            _to_png(1 - keep, out / "masks" / f"{stem}.png")
-            shallow = result.heatmaps.shallow[0]
-            _to_png(shallow / shallow.max().clamp(min=1e-9), out / "heatmaps" / f"{stem}_shallow.png")
-            record = {"image": str(path), "score": float(detection.score[0]), "flagged": bool(detection.flagged[0]),
-                      "masked_fraction": float(1 - keep.mean()), "threshold": defense.threshold, "preprocessing": note}
-            results.write(json.dumps(record) + "\n")
-            lines.append(record)
-            if not args.json:
-                print(f"{'PATCH' if record['flagged'] else 'clean':5s} score={record['score']:.4f} masked={record['masked_fraction']:.3f} {path}")
-            else:
-                print(json.dumps(record))
-    for source in videos:
-        summary = _defend_video(args, preset, defense, source, out / "videos" / source.stem)
-        print(json.dumps(summary, default=str) if args.json else
-              f"{summary['flagged']} of {summary['frames']} frames flagged in {source} ({summary['frames_per_second']:.1f} frames/s); "
-              f"outputs in {out / 'videos' / source.stem}")
+    status = "interrupted"
+    try:
+        with open(out / "results.jsonl", "w") as results:
+            for path, name in zip(images, names):
+                try:
+                    record = _defend_image(preset, defense, path, out, name)
+                except (ZMaskError, OSError) as error:
+                    failed.append(_report_failure(args, path, error))
+                    continue
+                results.write(json.dumps(record) + "\n")
+                results.flush()
+                processed.append({"input": str(path), "output": name})
+                lines.append(record)
+                if not args.json:
+                    print(f"{'PATCH' if record['flagged'] else 'clean':5s} score={record['score']:.4f} masked={record['masked_fraction']:.3f} {path}")
+                else:
+                    print(json.dumps(record))
+        for source, name in zip(videos, video_names):
+            try:
+                summary = _defend_video(args, preset, defense, source, out / "videos" / name)
+            except (ZMaskError, OSError) as error:
+                failed.append(_report_failure(args, source, error))
+                continue
+            processed.append({"input": str(source), "output": f"videos/{name}"})
+            print(json.dumps(summary, default=str) if args.json else
+                  f"{summary['flagged']} of {summary['frames']} frames flagged in {source} ({summary['frames_per_second']:.1f} frames/s); "
+                  f"outputs in {out / 'videos' / name}")
+        status = "complete"
+    finally:
+        write_run_record(out, args, {**base, "status": status, "processed": processed, "failed": failed})
     if not args.json and images:
-        print(f"{sum(r['flagged'] for r in lines)} of {len(lines)} images flagged; outputs in {out}")
-    return 0
+        print(f"{sum(r['flagged'] for r in lines)} of {len(lines)} images flagged; outputs in {out}"
+              + (f"; {len(failed)} inputs could not be processed" if failed else ""))
+    return EXIT_FAILED_INPUTS if failed else 0
+
+
+EXIT_FAILED_INPUTS = 2  # the usage-error code: some inputs could not be read
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """A distinct, deterministic output name per input: its stem; where stems collide
+    (case-insensitively: ``x.png`` and ``x.jpg``, or one name in two folders) the stem and the
+    suffix (``x_png``); where those still collide, a counter (``x_png_2``) in input order."""
+    from collections import Counter
+
+    stems = Counter(path.stem.casefold() for path in paths)
+    names: list[str] = []
+    used: set[str] = set()
+    for path in paths:
+        name = path.stem if stems[path.stem.casefold()] == 1 else f"{path.stem}_{path.suffix.lstrip('.')}"
+        candidate, count = name, 1
+        while candidate.casefold() in used:
+            count += 1
+            candidate = f"{name}_{count}"
+        used.add(candidate.casefold())
+        names.append(candidate)
+    return names
+
+
+def _report_failure(args: argparse.Namespace, path: Path, error: Exception) -> dict[str, str]:
+    """One line on stderr for an input that could not be processed; the run goes on."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    print(f"zmask {args.command}: error: {message}", file=sys.stderr)
+    return {"input": str(path), "error": message}
+
+
+def _defend_image(preset, defense, path: Path, out: Path, name: str) -> dict[str, Any]:
+    """Defend one image file: masked image, mask and heatmap PNGs named ``name``, and its JSON record."""
+    from ..data import read_image
+
+    image, note = preset.prepare_image(read_image(path))
+    with torch.no_grad():
+        result = defense(image[None], return_heatmaps=True)
+    detection = result.detection
+    keep = detection.keep_mask[0]
+    _to_png(defense.apply_mask(image[None], keep[None])[0], out / "masked" / f"{name}.png")
+    _to_png(1 - keep, out / "masks" / f"{name}.png")
+    shallow = result.heatmaps.shallow[0]
+    _to_png(shallow / shallow.max().clamp(min=1e-9), out / "heatmaps" / f"{name}_shallow.png")
+    return {"image": str(path), "output": name, "score": float(detection.score[0]), "flagged": bool(detection.flagged[0]),
+            "masked_fraction": float(1 - keep.mean()), "threshold": defense.threshold, "preprocessing": note}
 
 
 def _defend_video(args: argparse.Namespace, preset, defense, source: Path, folder: Path) -> dict[str, Any]:
@@ -249,11 +382,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..data.cache import CachedDataset
     from ..defense import ZMask
     from ..evaluation import ExperimentSpec, build_defenses, run_experiments
-    from ..models import get_preset
 
-    preset = get_preset(args.model)
+    preset = _model_preset(args, args.profile)
+    profile = _profile_for(args, preset)
     model = preset.build(True)
-    zmask = ZMask.load(args.profile, model)
+    zmask = ZMask.load(profile, model, allow_other_weights=args.allow_other_weights)
     patches = dict(_named_patches(args.patch, "--patch"))
     if args.random_noise:
         patches = {"random L": random_noise_patch(preset.patch_size("L"), args.seed), **patches}
@@ -271,7 +404,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     task = preset.task_for(model, args.split, args.data)
     spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size)
     out = Path(args.out)
-    write_run_record(out, args, {"profile": str(args.profile)})
+    write_run_record(out, args, _profile_record(profile))
     results = run_experiments(task, dataset, zmask, spec, masking, detectors, out, vars(args), progress=not args.no_progress)
     summary = (out / "summary.md").read_text()
     _print(args, summary + f"\nreport written to {out}", {"out": str(out), "results": results})

@@ -12,8 +12,22 @@ from ..attacks import ADAPTIVE_OBJECTIVES
 from ..errors import UsageError
 from ..evaluation import DEFENSES
 from ..tasks import TASKS
+from .checks import (MAX_BATCH, MAX_EPOCHS, MAX_FRAMES, MAX_IMAGES, MAX_PLACEMENTS, MAX_REPEATS, MAX_SEED, MAX_SIDE, MAX_STEPS,
+                     MAX_THREADS, bounded_int, finite_float, positive_int)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+DATA_HELP = ("dataset folder (default: the preset's dataset from the assets); for a module:factory model, segmentation: "
+             "{split}.txt listing 'image label' pairs relative to the folder (SegNet/CamVid layout), detection: the COCO layout")
+PROFILE_HELP = "profile file from `zmask fit` (default: the profile shipped with the preset, if it has one)"
+MAX_CONFIG_BYTES = 1024 * 1024
+ALLOW_OTHER_WEIGHTS_HELP = ("use the profile even though the model's weights differ from those it was fitted on "
+                            "(its recorded weights fingerprint); the statistics are then those of other weights")
+# Namespace entries a --config file may not set: the subcommand, internal fields, --debug, --config.
+CONFIG_FORBIDDEN = frozenset({"command", "required_options", "debug", "config"})
+# What each subcommand's --out is: (a folder?, required file suffix); checked before any work starts.
+OUTPUTS: dict[str, tuple[bool, str | None]] = {
+    "demo": (True, None), "fit": (False, None), "defend": (True, None), "attack": (False, ".png"), "evaluate": (True, None),
+}
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -22,23 +36,55 @@ def _load_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"configuration file {file} does not exist")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"configuration file {file} is larger than {MAX_CONFIG_BYTES} bytes")
     text = file.read_text()
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise UsageError(f"configuration file {file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}") from None
+    except (ValueError, RecursionError, yaml.YAMLError) as error:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).replace("\n", " ")
+        raise UsageError(f"configuration file {file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {reason}") from None
     if not isinstance(data, dict):
         raise UsageError(f"configuration file {file} must hold a mapping of option names to values")
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UsageError(f"configuration file {file}: option names must be strings, got {_describe(key)} ({type(key).__name__})")
+        name = key.replace("-", "_")
+        if name in values:
+            raise UsageError(f"configuration file {file} sets option {key!r} twice")
+        values[name] = value
+    return values
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON file with option values (flags given on the command line win)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors, and debug log messages")
+    parser.add_argument("--verbose", action="store_true", help="log what the library does (fitting, calibration, profiles, downloads)")
+    parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--threads", type=positive_int(MAX_THREADS), default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+MODEL_HELP = ("a model preset (see `zmask models`), or your own model as my_pkg.my_module:factory or path/to/file.py:factory "
+              "(a callable returning a wrapped nn.Module; then give --task, --input-size and, to fit, --shallow/--deep)")
+
+
+def _add_user_model(parser: argparse.ArgumentParser, layers: bool = True) -> None:
+    """The options that describe a model given as ``module:factory`` instead of a preset name."""
+    group = parser.add_argument_group("your own model (--model module:factory)")
+    if layers:
+        group.add_argument("--shallow", nargs="+", metavar="LAYER",
+                           help="shallow layers S (default: the preset's; a module:factory model needs them to fit, and otherwise reads them from --profile)")
+        group.add_argument("--deep", nargs="+", metavar="LAYER",
+                           help="deep layers D (default: the preset's; a module:factory model needs them to fit, and otherwise reads them from --profile)")
+    group.add_argument("--task", choices=TASKS.names(), help="the model's task (required for a module:factory model)")
+    group.add_argument("--input-size", type=positive_int(MAX_SIDE), nargs=2, metavar=("H", "W"),
+                       help="the model's input height and width; images are resized or letterboxed to it "
+                            "(required for a module:factory model, unless its --profile records it)")
+    group.add_argument("--num-classes", type=positive_int(65536), help="classes the model predicts (segmentation: required for a module:factory model)")
+    group.add_argument("--ignore-index", type=int, help="label value of unlabelled pixels in a segmentation --data folder (default 255)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,99 +106,175 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the whole pipeline on the real assets (ESPNet-CamVid): fit, attack, detect, mask, figure and summary")
     demo.add_argument("--out", default="zmask-demo", help="output folder (default ./zmask-demo)")
-    demo.add_argument("--images", type=int, default=40, help="CamVid val images to evaluate (default 40)")
+    demo.add_argument("--images", type=positive_int(MAX_IMAGES), default=40, help="CamVid val images to evaluate (default 40)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
 
     fit = command("fit", "fit Z-Mask (statistics, fusion block, threshold) on a model preset and training data -> profile")
-    required(fit, "--model", help="model preset (see `zmask models`)")
+    required(fit, "--model", help=MODEL_HELP)
     required(fit, "--patches", nargs="+", help="patch PNGs used to train the fusion block")
     required(fit, "--out", help="profile file to write (.safetensors)")
-    fit.add_argument("--data", help="dataset folder (default: the preset's dataset from the assets)")
-    fit.add_argument("--split", default="train")
-    fit.add_argument("--shallow", nargs="+", help="shallow layers S (default: the preset's)")
-    fit.add_argument("--deep", nargs="+", help="deep layers D (default: the preset's)")
-    fit.add_argument("--statistics-images", type=int, default=120)
-    fit.add_argument("--fusion-images", type=int, default=120)
-    fit.add_argument("--calibration-images", type=int, default=80)
-    fit.add_argument("--placements", type=int, default=1,
+    fit.add_argument("--data", help=DATA_HELP)
+    fit.add_argument("--split", default="train", help="split of the data to fit on (default train)")
+    _add_user_model(fit)
+    fit.add_argument("--statistics-images", type=positive_int(MAX_IMAGES), default=120, help="clean images for the statistics mu, sigma (default 120)")
+    fit.add_argument("--fusion-images", type=positive_int(MAX_IMAGES), default=120, help="images (clean or patched) that train the fusion block (default 120)")
+    fit.add_argument("--calibration-images", type=positive_int(MAX_IMAGES), default=80, help="images (clean or patched) that choose lambda0 by ROC (default 80)")
+    fit.add_argument("--placements", type=positive_int(MAX_PLACEMENTS), default=1,
                      help="draws per fusion / calibration image (clean or patched at a fresh place); > 1 stretches a small split")
-    fit.add_argument("--epochs", type=int, default=40)
+    fit.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=40, help="fusion block training epochs (default 40; at least 300 optimiser steps are taken)")
 
     defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "
                                "or frame; a defended video per video input")
     defend.add_argument("inputs", nargs="+", help=f"image files, folders of images, or videos ({', '.join(VIDEO_SUFFIXES)})")
-    required(defend, "--model", help="model preset the profile was fitted for")
-    required(defend, "--profile", help="profile file from `zmask fit`")
+    required(defend, "--model", help="the model the profile was fitted for: " + MODEL_HELP)
+    defend.add_argument("--profile", help=PROFILE_HELP)
     required(defend, "--out", help="output folder")
+    _add_user_model(defend, layers=False)
     defend.add_argument("--frames", action="store_true", help="treat each input folder as the frames of one video, in name order")
-    defend.add_argument("--temporal-on", type=int, default=1, metavar="K",
+    defend.add_argument("--allow-other-weights", action="store_true", help=ALLOW_OTHER_WEIGHTS_HELP)
+    defend.add_argument("--temporal-on", type=positive_int(MAX_FRAMES), default=1, metavar="K",
                         help="videos: raise the flag after K consecutive flagged frames (default 1: each frame on its own, Eq. 4)")
-    defend.add_argument("--temporal-off", type=int, default=0, metavar="K",
+    defend.add_argument("--temporal-off", type=bounded_int(0, MAX_FRAMES), default=0, metavar="K",
                         help="videos: keep masking K frames after the last flagged one (default 0)")
-    defend.add_argument("--batch-size", type=int, default=1, help="videos: frames per forward pass (default 1)")
+    defend.add_argument("--batch-size", type=positive_int(MAX_BATCH), default=1, help="videos: frames per forward pass (default 1)")
 
     attack = command("attack", "craft an adversarial patch (plain, activation-aware beta, or defense-aware alpha) -> PNG + JSON")
-    required(attack, "--model", help="model preset")
+    required(attack, "--model", help=MODEL_HELP)
     attack.add_argument("--size", default="L", choices=["S", "M", "L"], help="the paper's patch size, scaled to the input")
-    attack.add_argument("--beta", type=float, default=1.0, help="Eq. 5 weight of the adversarial loss (1 = plain attack)")
-    attack.add_argument("--alpha", type=float, default=1.0, help="Eq. 6 weight of the adversarial loss")
+    attack.add_argument("--beta", type=finite_float, default=1.0, help="Eq. 5 weight of the adversarial loss (1 = plain attack)")
+    attack.add_argument("--alpha", type=finite_float, default=1.0, help="Eq. 6 weight of the adversarial loss")
     attack.add_argument("--defense-attack", metavar="NAME",
                         help=f"defense-aware attack objective (needs --profile): {', '.join(ADAPTIVE_OBJECTIVES.names())}")
-    attack.add_argument("--profile", help="fitted Z-Mask profile (for beta < 1 or defense-aware attacks)")
+    attack.add_argument("--profile", help="fitted Z-Mask profile for beta < 1 or defense-aware attacks (default: the preset's shipped profile)")
     attack.add_argument("--objective", default="untargeted",
                         help="the task's attack objective (" + "; ".join(f"{n}: {', '.join(TASKS.get(n).objectives)}" for n in TASKS.names()) + ")")
-    attack.add_argument("--steps", type=int, default=150)
-    attack.add_argument("--batch-size", type=int, default=8)
-    attack.add_argument("--lr", type=float, default=0.03, help="Adam learning rate in [0, 1] pixel units")
-    attack.add_argument("--smoothness", type=float, default=0.0, help="weight of the smoothness term")
-    attack.add_argument("--split", default="train")
-    attack.add_argument("--limit", type=int, help="use only the first N images")
-    attack.add_argument("--data", help="dataset folder (default: the preset's dataset from the assets)")
+    attack.add_argument("--steps", type=positive_int(MAX_STEPS), default=150, help="optimisation steps (default 150)")
+    attack.add_argument("--batch-size", type=positive_int(MAX_BATCH), default=8, help="images per optimisation step (default 8)")
+    attack.add_argument("--lr", type=finite_float, default=0.03, help="Adam learning rate in [0, 1] pixel units")
+    attack.add_argument("--smoothness", type=finite_float, default=0.0, help="weight of the smoothness term")
+    attack.add_argument("--split", default="train", help="split of the data the patch is optimised on (default train)")
+    attack.add_argument("--limit", type=positive_int(MAX_IMAGES), help="use only the first N images")
+    attack.add_argument("--data", help=DATA_HELP)
     attack.add_argument("--resume", help="start from this patch PNG")
     required(attack, "--out", help="patch PNG to write (a JSON sidecar is written beside it)")
     attack.add_argument("--noise", action="store_true", help="write a random-noise patch of the same size instead (the control)")
+    _add_user_model(attack, layers=False)
 
     evaluate = command("evaluate", "the paper's experiments on a fitted model -> report folder (JSON, Markdown, figures)")
-    required(evaluate, "--model")
-    required(evaluate, "--profile")
-    required(evaluate, "--out")
+    required(evaluate, "--model", help=MODEL_HELP)
+    evaluate.add_argument("--profile", help=PROFILE_HELP)
+    required(evaluate, "--out", help="report folder to write (results.json, summary.md, figures)")
     evaluate.add_argument("--patch", action="append", default=[], metavar="NAME=PNG", help="a patch setting of the masking table (repeatable)")
     evaluate.add_argument("--beta-patch", action="append", default=[], metavar="BETA=PNG", help="a patch of the beta sweep (repeatable)")
     evaluate.add_argument("--alpha-patch", action="append", default=[], metavar="ATTACK:ALPHA=PNG", help="a defense-aware patch (repeatable)")
     evaluate.add_argument("--random-noise", action="store_true", help="add a random-noise patch of the L size")
+    evaluate.add_argument("--allow-other-weights", action="store_true", help=ALLOW_OTHER_WEIGHTS_HELP)
     evaluate.add_argument("--defenses", nargs="+", default=DEFENSES.names(),
                           help=f"registered defenses to compare (default: all of {', '.join(DEFENSES.names())})")
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--limit", type=int)
-    evaluate.add_argument("--data")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--train-images", type=int, default=80, help="training images for MaskNet and HN/FPDA")
+    evaluate.add_argument("--split", default="val", help="split of the data to evaluate on (default val)")
+    evaluate.add_argument("--limit", type=positive_int(MAX_IMAGES), help="evaluate only the first N images")
+    evaluate.add_argument("--data", help=DATA_HELP)
+    evaluate.add_argument("--batch-size", type=positive_int(MAX_BATCH), default=4, help="images per forward pass (default 4)")
+    evaluate.add_argument("--train-images", type=positive_int(MAX_IMAGES), default=80, help="training images for MaskNet and HN/FPDA")
+    _add_user_model(evaluate, layers=False)
 
     bench = command("bench", "performance figures: SPR speed-up, defense overhead, images per second")
     bench.add_argument("--model", default="espnet_camvid", help="model preset (default espnet_camvid)")
-    bench.add_argument("--repeats", type=int, default=9, help="interleaved timed runs per figure (median; default 9)")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes for images/s (default 1 8)")
+    bench.add_argument("--repeats", type=positive_int(MAX_REPEATS), default=9, help="interleaved timed runs per figure (median; default 9)")
+    bench.add_argument("--batch-sizes", type=positive_int(MAX_BATCH), nargs="+", default=[1, 8], help="batch sizes for images/s (default 1 8)")
     bench.add_argument("--no-literal", action="store_true", help="skip the (slow) literal reference implementation")
     bench.add_argument("--quick", action="store_true", help="small sizes (for tests)")
 
     models = command("models", "list model presets and their layers")
-    models.add_argument("--layers", metavar="PRESET", help="list every layer name of a preset")
+    models.add_argument("--layers", metavar="MODEL", help="list every layer name of a preset or of a module:factory model")
 
     assets = command("assets", "which assets are present, which are missing, where each comes from")
     assets.add_argument("--download", metavar="NAME", help="download an asset that has a public URL into the cache")
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of :func:`build_parser`'s parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise UsageError(f"no subcommand {command!r}")
+
+
+def _explicit_options(command: str, argv: list[str]) -> set[str]:
+    """Destinations of the options given on the command line (abbreviations and ``--opt=value``
+    included): ``argv`` parsed again with every default suppressed."""
+    parser = build_parser()
+    for action in _subcommand_parser(parser, command)._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _describe(value: Any) -> str:
+    """A config value for an error message: containers by size only (a YAML alias bomb has an
+    exponentially long repr), scalars cut to a readable length."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, file: str) -> Any:
+    """A ``--config`` file's value for ``action``, parsed and checked as the command line would be."""
+    where = f"configuration file {file}: option {key!r}"
+
+    def one(item: Any) -> Any:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise UsageError(f"{where} expects {action.type.__name__ if action.type else 'a string'}, got {_describe(item)}")
+        if action.type is None:
+            converted: Any = str(item)
+        else:
+            try:
+                converted = action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+                raise UsageError(f"{where}: {error}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise UsageError(f"{where}: {converted!r} is not one of {', '.join(map(str, action.choices))}")
+        return converted
+
+    if action.nargs == 0:  # a flag (store_true / store_false)
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} is a flag: give true or false, got {_describe(value)}")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise UsageError(f"{where} cannot be null")
+        return None
+    several = isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if not several:
+        return one(value)
+    items = value if isinstance(value, list) else [value]
+    if isinstance(action.nargs, int) and not isinstance(action, argparse._AppendAction) and len(items) != action.nargs:
+        raise UsageError(f"{where} expects {action.nargs} values, got {len(items)}")
+    if action.nargs == "+" and not items:
+        raise UsageError(f"{where} expects at least one value")
+    return [one(item) for item in items]
+
+
 def _apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Fill ``args`` from its ``--config`` file: options only (not the subcommand, positional
+    inputs, ``--debug``, ``--config`` or internal fields), each value parsed with the option's own
+    type; options given on the command line always win."""
     if not getattr(args, "config", None):
         return args
     values = _load_config_file(args.config)
-    known = vars(args)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UsageError(f"unknown options in {args.config}: {', '.join(unknown)}")
-    given = {token.split("=")[0].lstrip("-").replace("-", "_") for token in argv if token.startswith("--")}
-    for key, value in values.items():
+    actions = {action.dest: action for action in _subcommand_parser(parser, args.command)._actions}
+    for key in values:
+        action = actions.get(key)
+        if key in CONFIG_FORBIDDEN or (action is not None and not action.option_strings):
+            raise UsageError(f"configuration file {args.config}: {key!r} cannot be set in a configuration file "
+                             f"({'give it on the command line' if key != 'required_options' else 'an internal field'})")
+        if action is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            known = sorted(dest for dest, a in actions.items() if a.option_strings and dest not in CONFIG_FORBIDDEN | {"help"})
+            raise UsageError(f"unknown options in {args.config}: {key} (options of zmask {args.command}: {', '.join(known)})")
+    parsed = {key: _config_value(actions[key], key, value, args.config) for key, value in values.items()}
+    given = _explicit_options(args.command, argv)
+    for key, value in parsed.items():
         if key not in given:
             setattr(args, key, value)
     return args

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ZMaskConfig
 from ..errors import InputError, NotFittedError
+from .extremes import LayerExtremes, coverage_map, extreme_score
 from .fusion import FusionBlock, fuse_and_score
 from .masking import keep_mask, patch_mask
 from .refinement import LayerRefiner
@@ -39,6 +40,9 @@ class Analysis:
     size are computed on first use only, so a clean frame never pays for them:
     ``patch_mask``: 1[M~ > threshold] (B x 1 x H x W, 1 = patch, every image, not dilated);
     ``keep_mask``: Eq. 4's M (1 = keep; all ones where not flagged; dilated by ``mask_dilation``).
+    With channel-extreme evidence (``config.extreme_layers``): ``extreme_score`` (B) and
+    ``coverage`` (B x 1 x h x w, pixels where a channel exceeds its clean maximum); an image is then
+    flagged by either score, and its coverage is masked with the patch mask.
     """
 
     heatmaps: Heatmaps
@@ -48,6 +52,8 @@ class Analysis:
     input_size: tuple[int, int]
     mask_threshold: float = 0.5
     mask_dilation: int = 0
+    extreme_score: torch.Tensor | None = None
+    coverage: torch.Tensor | None = None
 
     @cached_property
     def patch_mask(self) -> torch.Tensor:
@@ -55,7 +61,7 @@ class Analysis:
 
     @cached_property
     def keep_mask(self) -> torch.Tensor:
-        return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation)
+        return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation, self.coverage)
 
 
 def kernel_sets(config: ZMaskConfig, layer: str) -> dict[str, tuple]:
@@ -95,10 +101,14 @@ def compute_heatmaps(
 def analyze(
     activations: Mapping[str, torch.Tensor], statistics: Mapping[str, LayerStatistics] | None, fusion: FusionBlock,
     config: ZMaskConfig, refiner: LayerRefiner, threshold: float | None, input_size: tuple[int, int], gate: bool = True,
-    per_layer: bool = False,
+    per_layer: bool = False, extremes: Mapping[str, LayerExtremes] | None = None, extreme_threshold: float | None = None,
 ) -> Analysis:
     """Heatmaps -> fusion block -> soft mask and score -> flag (``score > threshold``, or every image
-    with ``gate=False``). Differentiable up to the score; the flag and masks are not."""
+    with ``gate=False``). Differentiable up to the scores; the flag and masks are not.
+
+    With ``extremes`` (clean statistics of channel maxima) the extreme score and the coverage are
+    computed too, and with ``extreme_threshold`` an image is also flagged when its extreme score
+    exceeds it."""
     if statistics is None:
         raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
@@ -109,4 +119,10 @@ def analyze(
         flagged = score.detach() > threshold
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation)
+    hyper, coverage = None, None
+    if extremes:
+        hyper = extreme_score(activations, extremes)
+        coverage = coverage_map(activations, extremes)
+        if gate and extreme_threshold is not None:
+            flagged = flagged | (hyper.detach() > extreme_threshold)
+    return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation, hyper, coverage)

@@ -36,7 +36,8 @@ def resolve_modules(model: nn.Module, layer_names: Sequence[str]) -> dict[str, n
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise InputError(
                 f"model {type(model).__name__} has no layer {path!r}{hint} "
-                "(list names with `zmask models` or `dict(model.named_modules())`)"
+                "(list its layer names with `zmask models --layers PRESET` (a preset name or module:factory) "
+                "or `dict(model.named_modules())`)"
             )
         resolved[name] = modules[path]
     return resolved

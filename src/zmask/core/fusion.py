@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from collections.abc import Mapping
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 PARAMETER_NAMES = ("a1", "b1", "a2", "b2", "c1", "e1", "c2", "e2")
 
@@ -157,4 +160,5 @@ def train_fusion(
             total += float(loss.detach()) * len(index)
         history.append(total / len(order))
     block.eval()
+    logger.debug("fusion block trained for %d epochs on %d samples: loss %.4f -> %.4f", epochs, shallow.shape[0], history[0], history[-1])
     return history

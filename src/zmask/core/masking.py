@@ -23,21 +23,25 @@ def dilate_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """
     if pixels <= 0:
         return mask
-    width = 2 * pixels + 1
-    rows = F.max_pool2d(mask, (width, 1), stride=1, padding=(pixels, 0))
-    return F.max_pool2d(rows, (1, width), stride=1, padding=(0, pixels))
+    # A radius beyond the image adds nothing: clamping it bounds the work whatever the setting.
+    down, across = min(pixels, mask.shape[-2] - 1), min(pixels, mask.shape[-1] - 1)
+    rows = F.max_pool2d(mask, (2 * down + 1, 1), stride=1, padding=(down, 0)) if down > 0 else mask
+    return F.max_pool2d(rows, (1, 2 * across + 1), stride=1, padding=(0, across)) if across > 0 else rows
 
 
 def keep_mask(soft_mask: torch.Tensor, flagged: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5,
-              dilation: int = 0) -> torch.Tensor:
+              dilation: int = 0, extra: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4's keep-mask M at input size (B x 1 x H x W; 1 = keep): 1 - dilated patch mask where
-    ``flagged``, all ones elsewhere. Only flagged images are upsampled and dilated."""
+    ``flagged``, all ones elsewhere. ``extra`` (B x 1 x h x w binary, any resolution) is added to
+    the patch mask of flagged images before the dilation. Only flagged images are upsampled and dilated."""
     batch = soft_mask.shape[0]
     keep = torch.ones(batch, 1, *input_size, dtype=torch.float32, device=soft_mask.device)
     index = flagged.nonzero().flatten()
     if index.numel():
-        masked = dilate_mask(patch_mask(soft_mask[index].detach(), input_size, threshold), dilation)
-        keep[index] = 1.0 - masked
+        masked = patch_mask(soft_mask[index].detach(), input_size, threshold)
+        if extra is not None:
+            masked = torch.maximum(masked, F.interpolate(extra[index].float(), size=tuple(input_size), mode="nearest"))
+        keep[index] = 1.0 - dilate_mask(masked, dilation)
     return keep
 
 

@@ -2,13 +2,25 @@
 
 Tensors (statistics, fusion parameters) are safetensors; everything else is JSON in the file's
 metadata: format name and version, the configuration, layer names and channel counts, lambda0,
-and a SHA-256 over all tensor bytes that is checked on load. Nothing is unpickled.
+a fingerprint of the model's weights, and a SHA-256 over all tensor bytes that is checked on load.
+Nothing is unpickled.
+
+Loading checks the file against a schema (:func:`load_profile`): every metadata field is typed
+and range-checked, sizes are bounded by the fitted input size, statistics are finite float32
+tensors of the shape the layer table and the configuration say. The SHA-256 detects corruption;
+it is unkeyed, so it does not prove who wrote the file: the schema is what keeps a deliberately
+edited profile from making the defense silently wrong or unboundedly slow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
+import math
+import numbers
+import re
 import struct
 from pathlib import Path
 from dataclasses import dataclass
@@ -20,15 +32,28 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..config import ZMaskConfig
-from ..errors import ProfileError
+from ..errors import ProfileError, ZMaskError
+from .calibration import Calibration
 from .capture import RepeatPolicy, resolve_modules, run_and_capture
 from .fusion import PARAMETER_NAMES
+from .extremes import LayerExtremes
 from .statistics import LayerStatistics
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "zmask-profile"
 FORMAT_VERSION = 1
 MAX_PROFILE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Schema bounds (see load_profile).
+MAX_INPUT_PIXELS = 4096 * 4096  # fitted input size H x W
+MAX_LAYER_CHANNELS = 1 << 16
+MAX_STATISTIC = 1e8  # |mu| and sigma; larger values overflow float32 heatmaps
+EXTREME_KINDS = ("mean", "std", "upper")  # the tensors of a layer's channel-extreme statistics
+MAX_TEXT = 256  # characters of model_class / zmask_version
+# Reduced precisions a fitted model is commonly cast to: the fingerprint is recorded for each, so
+# that a profile fitted in float32 still recognises its model after ``model.to(torch.bfloat16)``.
+FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -37,7 +62,8 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape(-1): a 0-dim tensor cannot be viewed as bytes; the digest of others is unchanged
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -52,6 +78,10 @@ class Profile:
     calibration: dict[str, Any] | None = None
     input_size: tuple[int, int] | None = None
     model_class: str = ""
+    weights_sha256: dict[str, str] | None = None  # dtype name -> weights_fingerprint(model, dtype); None: not recorded
+    extremes: dict[str, LayerExtremes] | None = None  # channel-maxima statistics of config.extreme_layers
+    extreme_threshold: float | None = None
+    extreme_calibration: dict[str, Any] | None = None
 
     @property
     def layers(self) -> dict[str, int]:
@@ -67,6 +97,9 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         tensors[f"statistics/{name}/std"] = stats.std.detach().float().cpu().contiguous()
     for name, value in profile.fusion.items():
         tensors[f"fusion/{name}"] = torch.tensor([value], dtype=torch.float32)
+    for name, extremes in (profile.extremes or {}).items():
+        for kind in EXTREME_KINDS:
+            tensors[f"extremes/{name}/{kind}"] = getattr(extremes, kind).detach().float().cpu().contiguous()
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -79,6 +112,11 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         "model_class": profile.model_class,
         "tensors_sha256": _tensor_digest(tensors),
     }
+    if profile.weights_sha256 is not None:
+        metadata["weights_sha256"] = json.dumps(profile.weights_sha256)
+    if profile.extremes:
+        metadata["extreme_threshold"] = json.dumps(profile.extreme_threshold)
+        metadata["extreme_calibration"] = json.dumps(profile.extreme_calibration)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -119,24 +157,239 @@ def read_profile(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tens
 
 
 def load_profile(path: str | Path) -> Profile:
-    """Read, verify and decode a profile file; any defect raises ``ProfileError`` naming the file."""
+    """Read, verify and decode a profile file against its schema.
+
+    Every defect raises ``ProfileError`` naming the file and the field: a metadata field that is
+    missing, not JSON, of the wrong type or out of range (heatmap and input size, dilation bounded
+    by the input size, finite threshold, a typed calibration record), a layer table that does not
+    match the configuration or the tensors, a statistics tensor that is not float32 of shape
+    C x P or holds NaN/Inf, |mu| or sigma above ``MAX_STATISTIC``, a negative sigma or a layer
+    whose every sigma is zero, non-finite fusion parameters, or tensors the schema does not know.
+    """
     metadata, tensors = read_profile(path)
-    try:
-        config = ZMaskConfig.from_dict(json.loads(metadata["config"]))
-        layers: dict[str, int] = json.loads(metadata["layers"])
-        threshold = json.loads(metadata["threshold"])
-        calibration = json.loads(metadata.get("calibration", "null"))
-        input_size = json.loads(metadata.get("input_size", "null"))
-        statistics = {name: LayerStatistics(tensors[f"statistics/{name}/mean"], tensors[f"statistics/{name}/std"]) for name in layers}
-        fusion = {name: float(tensors[f"fusion/{name}"].reshape(-1)[0]) for name in PARAMETER_NAMES}
-    except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as error:
-        raise ProfileError(f"profile {path} is incomplete or inconsistent: {error}") from None
-    for name, channels in layers.items():
-        stats = statistics[name]
-        if stats.mean.shape != stats.std.shape or stats.channels != channels or stats.mean.dim() != 2:
-            raise ProfileError(f"profile {path}: statistics of layer {name!r} do not match its {channels} recorded channels")
-    return Profile(config, statistics, fusion, threshold, calibration, tuple(input_size) if input_size else None,
-                   metadata.get("model_class", ""))
+    return _ProfileSchema(Path(path), metadata, tensors).decode()
+
+
+class _ProfileSchema:
+    """Decodes one profile's metadata and tensors field by field; each failure names the field."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        self.path, self.metadata, self.tensors = path, metadata, tensors
+        self.extreme_layers: tuple[str, ...] = ()
+
+    def fail(self, field: str, problem: str) -> ProfileError:
+        return ProfileError(f"profile {self.path}: field {field!r} {problem}")
+
+    def json_field(self, name: str, required: bool = True) -> Any:
+        if name not in self.metadata:
+            if required:
+                raise self.fail(name, "is missing from the metadata")
+            return None
+        try:
+            return json.loads(self.metadata[name])
+        except (ValueError, RecursionError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise self.fail(name, f"is not valid JSON: {str(error)[:200]}") from None
+
+    def number(self, value: Any, field: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self.fail(field, f"must be a number, got {_short(value)}")
+        if not math.isfinite(value):
+            raise self.fail(field, f"must be finite, got {value!r}")
+        return float(value)
+
+    def integer(self, value: Any, field: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field, f"must be an integer, got {_short(value)}")
+        if not low <= value <= high:
+            raise self.fail(field, f"must lie in [{low}, {high}], got {value}")
+        return value
+
+    def text(self, name: str) -> str:
+        value = self.metadata.get(name, "")
+        if len(value) > MAX_TEXT:
+            raise self.fail(name, f"is longer than {MAX_TEXT} characters")
+        return value
+
+    def decode(self) -> Profile:
+        config = self.config()
+        input_size = self.input_size(config)
+        layers = self.layers(config)
+        self.extreme_layers = config.extreme_layers
+        self.unexpected_tensors(layers)
+        statistics = {name: self.layer_statistics(name, channels, config.planes) for name, channels in layers.items()}
+        fusion = {name: self.fusion_value(name) for name in PARAMETER_NAMES}
+        threshold = self.json_field("threshold")
+        threshold = None if threshold is None else self.number(threshold, "threshold")
+        extremes = {name: self.layer_extremes(name, layers[name]) for name in config.extreme_layers} or None
+        extreme_threshold = self.json_field("extreme_threshold", required=False)
+        extreme_threshold = None if extreme_threshold is None else self.number(extreme_threshold, "extreme_threshold")
+        return Profile(config, statistics, fusion, threshold, self.calibration(), input_size, self.text("model_class"),
+                       self.weights(), extremes, extreme_threshold, self.calibration("extreme_calibration"))
+
+    def config(self) -> ZMaskConfig:
+        data = self.json_field("config")
+        try:
+            return ZMaskConfig.from_dict(data)
+        except (ZMaskError, TypeError, ValueError) as error:
+            raise self.fail("config", f"is invalid: {error}") from None
+
+    def input_size(self, config: ZMaskConfig) -> tuple[int, int] | None:
+        value = self.json_field("input_size", required=False)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) != 2:
+            raise self.fail("input_size", f"must be a [height, width] pair, got {_short(value)}")
+        height, width = (self.integer(v, "input_size", 1, MAX_INPUT_PIXELS) for v in value)
+        if height * width > MAX_INPUT_PIXELS:
+            raise self.fail("input_size", f"{height}x{width} has more than the {MAX_INPUT_PIXELS} pixels allowed")
+        heatmap = config.heatmap_size
+        if heatmap[0] > height or heatmap[1] > width:
+            raise self.fail("config.heatmap_size", f"{heatmap} is larger than the fitted input size {(height, width)}")
+        if config.mask_dilation > max(height, width):
+            raise self.fail("config.mask_dilation", f"{config.mask_dilation} is larger than the fitted input size {(height, width)}")
+        return height, width
+
+    def layers(self, config: ZMaskConfig) -> dict[str, int]:
+        value = self.json_field("layers")
+        if not isinstance(value, dict):
+            raise self.fail("layers", f"must map layer names to channel counts, got {_short(value)}")
+        layers = {name: self.integer(channels, f"layers.{name}", 1, MAX_LAYER_CHANNELS) for name, channels in value.items()}
+        missing = [name for name in config.layers if name not in layers]
+        extra = [name for name in layers if name not in config.layers]
+        if missing or extra:
+            raise self.fail("layers", f"does not match the configuration's layers: missing {missing}, not configured {extra}")
+        return {name: layers[name] for name in config.layers}
+
+    def unexpected_tensors(self, layers: dict[str, int]) -> None:
+        known = {f"statistics/{name}/{kind}" for name in layers for kind in ("mean", "std")}
+        known |= {f"fusion/{name}" for name in PARAMETER_NAMES}
+        known |= {f"extremes/{name}/{kind}" for name in self.extreme_layers for kind in EXTREME_KINDS}
+        extra = sorted(set(self.tensors) - known)
+        if extra:
+            raise self.fail(extra[0], f"is not a tensor of this profile format ({len(extra)} unexpected tensors)")
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.tensors:
+            raise self.fail(name, "is missing from the tensors")
+        tensor = self.tensors[name]
+        if tensor.dtype != torch.float32:
+            raise self.fail(name, f"has dtype {tensor.dtype}, expected torch.float32")
+        if tuple(tensor.shape) != shape:
+            raise self.fail(name, f"has shape {tuple(tensor.shape)}, expected {shape}")
+        if not torch.isfinite(tensor).all():
+            raise self.fail(name, "holds NaN or Inf values")
+        return tensor
+
+    def layer_statistics(self, name: str, channels: int, planes: int) -> LayerStatistics:
+        shape = (channels, planes)  # the layer table's channels x the configuration's planes
+        mean = self.tensor(f"statistics/{name}/mean", shape)
+        std = self.tensor(f"statistics/{name}/std", shape)
+        if mean.abs().max() > MAX_STATISTIC:
+            raise self.fail(f"statistics/{name}/mean", f"holds |mu| = {float(mean.abs().max()):.3g}, more than {MAX_STATISTIC:g}")
+        if std.min() < 0 or std.max() > MAX_STATISTIC:
+            raise self.fail(f"statistics/{name}/std", f"must lie in [0, {MAX_STATISTIC:g}], holds [{float(std.min()):.3g}, {float(std.max()):.3g}]")
+        if not std.any():
+            # A single dead channel has sigma 0 (eps + std_floor > 0 keeps its z-score finite); a
+            # layer without any variation on clean data cannot have been fitted.
+            raise self.fail(f"statistics/{name}/std", "is zero for every channel")
+        return LayerStatistics(mean, std)
+
+    def layer_extremes(self, name: str, channels: int) -> LayerExtremes:
+        values = {kind: self.tensor(f"extremes/{name}/{kind}", (channels,)) for kind in EXTREME_KINDS}
+        for kind, tensor in values.items():
+            if tensor.abs().max() > MAX_STATISTIC:
+                raise self.fail(f"extremes/{name}/{kind}", f"holds |value| = {float(tensor.abs().max()):.3g}, more than {MAX_STATISTIC:g}")
+        if values["std"].min() <= 0:
+            raise self.fail(f"extremes/{name}/std", "must be positive (the std of clean channel maxima, at least 1e-6)")
+        return LayerExtremes(**values)
+
+    def fusion_value(self, name: str) -> float:
+        return float(self.tensor(f"fusion/{name}", (1,))[0])
+
+    def calibration(self, field_name: str = "calibration") -> dict[str, Any] | None:
+        value = self.json_field(field_name, required=False)
+        if value is None:
+            return None
+        fields = [f.name for f in dataclasses.fields(Calibration)]
+        if not isinstance(value, dict) or sorted(value) != sorted(fields):
+            keys = sorted(map(str, value)) if isinstance(value, dict) else _short(value)
+            raise self.fail(field_name, f"must be a record with the fields {fields}, got {keys}")
+        record: dict[str, Any] = {}
+        for key in fields:
+            if key == "criterion":
+                if not isinstance(value[key], str) or len(value[key]) > MAX_TEXT:
+                    raise self.fail(f"{field_name}.criterion", f"must be a short string, got {_short(value[key])}")
+                record[key] = value[key]
+                continue
+            record[key] = self.number(value[key], f"{field_name}.{key}")
+            if key != "threshold" and not 0.0 <= record[key] <= 1.0:
+                raise self.fail(f"{field_name}.{key}", f"must lie in [0, 1], got {record[key]}")
+        return record
+
+    def weights(self) -> dict[str, str] | None:
+        value = self.json_field("weights_sha256", required=False)
+        if value is None:
+            return None
+        names = [str(dtype).removeprefix("torch.") for dtype in FINGERPRINT_DTYPES]
+        if (not isinstance(value, dict) or not value or not set(value) <= set(names)
+                or not all(isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) for v in value.values())):
+            raise self.fail("weights_sha256", f"must map some of {names} to SHA-256 hex digests, got {_short(value)}")
+        return value
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut to a readable length."""
+    text = repr(value)
+    return f"{text[:80]}... ({type(value).__name__})" if len(text) > 80 else f"{text} ({type(value).__name__})"
+
+
+def weights_fingerprint(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 over the model's parameters and buffers (its ``state_dict`` tensors in name order:
+    name, dtype, shape, bytes). ``dtype``: the fingerprint the model would have after
+    ``model.to(dtype)`` (floating-point tensors cast first)."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_fingerprints(model: torch.nn.Module) -> dict[str, str]:
+    """The fingerprint of ``model`` as it would be in each of ``FINGERPRINT_DTYPES``, keyed by dtype name."""
+    return {str(dtype).removeprefix("torch."): weights_fingerprint(model, dtype) for dtype in FINGERPRINT_DTYPES}
+
+
+def check_weights(profile: Profile, model: torch.nn.Module, path: str | Path, allow_other_weights: bool = False) -> None:
+    """Fail with ``ProfileError`` unless ``model`` holds the weights the profile was fitted on.
+
+    A profile records a fingerprint of its model's weights (also as cast to bfloat16 / float16);
+    ``model`` matches if its own fingerprint, cast to one of those dtypes, equals the recorded one.
+    Profiles without a fingerprint (older files) load with a logged warning.
+    """
+    if allow_other_weights:
+        return
+    if not profile.weights_sha256:
+        logger.warning("profile %s records no fingerprint of its model's weights (an older profile): "
+                       "it cannot be checked against this model's weights", path)
+        return
+    floating = [t.dtype for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    own = str(max(set(floating), key=floating.count)).removeprefix("torch.") if floating else None
+    for name in sorted(profile.weights_sha256, key=lambda n: n != own):  # the model's own dtype first
+        if weights_fingerprint(model, getattr(torch, name)) == profile.weights_sha256[name]:
+            return
+    raise ProfileError(
+        f"profile {path} was fitted on other weights than this model's (its weights fingerprint differs): "
+        "load the profile fitted for these weights, or pass allow_other_weights=True (zmask defend/evaluate: "
+        "--allow-other-weights) to use it anyway"
+    )
 
 
 def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path, on_repeat: RepeatPolicy = "error") -> None:
@@ -159,6 +412,12 @@ def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path,
     try:
         with torch.no_grad():
             _, activations = run_and_capture(model, probe, profile.config.layers, on_repeat)
+    except RuntimeError as error:  # e.g. config.in_channels differs from the model's input channels
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ProfileError(
+            f"profile {path} does not fit this model: it fails on a blank 1 x {profile.config.in_channels} x "
+            f"{profile.input_size[0]} x {profile.input_size[1]} image (fields 'config.in_channels', 'input_size'): {first_line}"
+        ) from None
     finally:
         model.train(was_training)
     for name, channels in profile.layers.items():

@@ -3,7 +3,7 @@
 from .camvid import CamVid
 from .cityscapes import Cityscapes
 from .coco import CocoDetection, LetterboxedDetection, collate_detection
-from .folder import ImageFolder
+from .folder import ImageFolder, ResizedSegmentation
 from .io import read_image, read_label
 
-__all__ = ["CamVid", "Cityscapes", "CocoDetection", "ImageFolder", "LetterboxedDetection", "collate_detection", "read_image", "read_label"]
+__all__ = ["CamVid", "Cityscapes", "CocoDetection", "ImageFolder", "LetterboxedDetection", "ResizedSegmentation", "collate_detection", "read_image", "read_label"]

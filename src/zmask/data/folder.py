@@ -1,10 +1,11 @@
-"""A plain folder of images (no labels), e.g. for ``zmask defend``."""
+"""A plain folder of images (no labels), e.g. for ``zmask defend``; segmentation items resized to one size."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
@@ -30,3 +31,24 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         return {"image": read_image(self.paths[index]), "path": str(self.paths[index])}
+
+
+class ResizedSegmentation(Dataset):
+    """Items of a segmentation dataset (``image``, ``label``) resized to ``size`` (H, W): bilinear
+    for the image, nearest for the label, so that every item stacks into one batch."""
+
+    def __init__(self, dataset: Dataset, size: tuple[int, int]) -> None:
+        self.dataset = dataset
+        self.size = (int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        item = dict(self.dataset[index])
+        image, label = item["image"], item["label"]
+        if tuple(image.shape[1:]) != self.size:
+            item["image"] = F.interpolate(image[None], size=self.size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        if tuple(label.shape) != self.size:
+            item["label"] = F.interpolate(label[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
+        return item

@@ -7,6 +7,7 @@ Every failure is a ``ZMaskError`` that names the file.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,8 @@ import torch
 from ..errors import ZMaskError
 from .folder import IMAGE_SUFFIXES
 from .io import read_image
+
+logger = logging.getLogger(__name__)
 
 # Refuse frames larger than this many pixels on a side (video or image), read or written.
 MAX_SIDE = 8192
@@ -75,6 +78,9 @@ class VideoFrames:
             self.fps = _check_fps(fps if fps is not None else float(rate) if rate else DEFAULT_FPS)
             self.count: int | None = int(stream.frames) or None
             self.size: tuple[int, int] = (int(stream.height), int(stream.width))
+        if fps is None and not rate:
+            logger.warning("video %s records no frame rate; using %g frames per second", self.path, self.fps)
+        logger.debug("opened video %s: %dx%d, %g frames/s, %s frames", self.path, *self.size, self.fps, self.count or "unknown")
 
     def _open(self, av: ModuleType) -> Any:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from ..core.refinement import LayerRefiner
 from ..core.statistics import resize_nearest
 from ..defense import ZMask
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
         "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
     }
+    logger.info("fitted Z-Mask: statistics on %d images, fusion block on %d (loss %.4f -> %.4f), lambda0 %.4f on %d",
+                len(statistics_set), len(fusion_set), history[0], history[-1], calibration.threshold, len(calibration_set))
     return defense, report
 
 

@@ -1,12 +1,16 @@
-"""Models: the project's ESPNet and YOLOv5n definitions, torchvision wrappers, and presets."""
+"""Models: the project's ESPNet and YOLOv5n definitions, torchvision wrappers, presets with their shipped
+profiles, and presets made on the fly from your own factory (``module:callable``)."""
 
 from .espnet import ESPNet, ESPNetSegmenter, espnet
 from .presets import PRESETS, ModelPreset, get_preset
+from .profiles import ProfileRecord
 from .torchvision_models import TorchvisionDetector, TorchvisionSegmenter, build_detector, build_segmenter
+from .user import FOLDER_LAYOUTS, FolderLayout, build_from_factory, is_factory_spec, load_factory, preset_from_factory
 from .yolov5 import YOLOv5, YOLOv5Detector, letterbox, non_max_suppression, scale_boxes, yolov5n
 
 __all__ = [
-    "ESPNet", "ESPNetSegmenter", "ModelPreset", "PRESETS", "TorchvisionDetector", "TorchvisionSegmenter", "YOLOv5",
-    "YOLOv5Detector", "build_detector", "build_segmenter", "espnet", "get_preset", "letterbox", "non_max_suppression",
-    "scale_boxes", "yolov5n",
+    "ESPNet", "ESPNetSegmenter", "FOLDER_LAYOUTS", "FolderLayout", "ModelPreset", "PRESETS", "ProfileRecord", "TorchvisionDetector",
+    "TorchvisionSegmenter", "YOLOv5",
+    "YOLOv5Detector", "build_detector", "build_from_factory", "build_segmenter", "espnet", "get_preset", "is_factory_spec",
+    "letterbox", "load_factory", "non_max_suppression", "preset_from_factory", "scale_boxes", "yolov5n",
 ]

@@ -15,10 +15,11 @@ from torch.utils.data import Dataset
 
 from ..config import ZMaskConfig
 from ..contracts import Task
-from ..errors import ZMaskError
+from ..errors import ProfileError, ZMaskError
 from ..registry import Registry
 from ..tasks import TASKS, DetectionTask, SegmentationTask
 from .espnet import ESPNET_VARIANTS, espnet
+from .profiles import ESPNET_CAMVID_PROFILE, YOLOV5N_COCO_PROFILE, ProfileRecord
 from .torchvision_models import build_detector, build_segmenter
 from .yolov5 import letterbox, yolov5n
 
@@ -84,6 +85,8 @@ class ModelPreset:
     :class:`zmask.ZMaskConfig`. ``task`` names a registered task (``zmask.tasks.TASKS``);
     ``datasets`` builds the preset's data (split, limit, root folder), ``make_task`` its task
     object, ``prepare`` maps an arbitrary image to the model's input (resize or letterbox).
+    ``profile_record`` describes the fitted profile shipped for this preset, if any
+    (:class:`~zmask.models.profiles.ProfileRecord`; :meth:`profile` gives its verified path).
     """
 
     name: str
@@ -104,6 +107,7 @@ class ModelPreset:
     prepare: Callable[[ModelPreset, torch.Tensor], tuple[torch.Tensor, str | None]] = _resize_to_input
     train_split: str = "train"
     eval_split: str = "val"
+    profile_record: ProfileRecord | None = None
 
     @property
     def task_type(self) -> type[Task]:
@@ -129,6 +133,14 @@ class ModelPreset:
         """(model input, a note on what was done or None) for a 3 x H x W image in [0, 1]."""
         return self.prepare(self, image)
 
+    def profile(self) -> Path:
+        """Path of the profile shipped for this preset, its SHA-256 checked (``ProfileError`` if it
+        has none, or the file is missing or changed)."""
+        if self.profile_record is None:
+            raise ProfileError(f"{self.name!r} has no shipped profile; fit one with `zmask fit --model {self.name} ...` "
+                               "and pass it (--profile / ZMask.load)")
+        return self.profile_record.verified_path()
+
     def patch_size(self, size: str) -> tuple[int, int]:
         """(height, width) of the paper's S/M/L patch scaled to this preset's input."""
         from ..attacks.sizes import patch_size
@@ -148,7 +160,7 @@ def get_preset(name: str) -> ModelPreset:
     return PRESETS.get(name)
 
 
-def _espnet_preset(dataset: str, datasets: DatasetFactory | None) -> ModelPreset:
+def _espnet_preset(dataset: str, datasets: DatasetFactory | None, profile_record: ProfileRecord | None = None) -> ModelPreset:
     variant = ESPNET_VARIANTS[dataset]
     height, width = variant.input_size
     return ModelPreset(
@@ -165,7 +177,7 @@ def _espnet_preset(dataset: str, datasets: DatasetFactory | None) -> ModelPreset
         # pooling (our fusion block is trained, so the authors' stretch is not needed), the
         # dataset's mean colour as fill (as the authors' demo), and a dilated mask.
         (("pooling", "same"), ("fill_value", tuple(v / 255 for v in reversed(variant.mean_bgr))), ("mask_dilation", MASK_DILATION)),
-        datasets=datasets,
+        datasets=datasets, profile_record=profile_record,
     )
 
 
@@ -190,7 +202,7 @@ _RESNET_FPN_S = ("backbone.body.relu", "backbone.body.conv1", "backbone.body.lay
 _RESNET_FPN_D = ("backbone.body.conv1", "backbone.body.layer4", "backbone.body.layer1.0.conv1")
 
 for _preset in (
-    _espnet_preset("camvid", _camvid),
+    _espnet_preset("camvid", _camvid, ESPNET_CAMVID_PROFILE),
     _espnet_preset("cityscapes", None),
     ModelPreset(
         "yolov5n_coco", DetectionTask.name, "YOLOv5n v6.1 on COCO (project definition, upstream weights)",
@@ -203,6 +215,7 @@ for _preset in (
         # Not tuned: aligned pooling, and the letterbox grey as fill.
         config_overrides=(("pooling", "same"), ("fill_value", 114 / 255)),
         datasets=_coco_letterboxed((640, 640)), make_task=_coco_task, prepare=_letterbox_to_input,
+        profile_record=YOLOV5N_COCO_PROFILE,
     ),
     # Spec section 3 (the paper's detectors).
     _detector_preset("ssd300_vgg16", (320, 320), ("backbone.extra.0.3", "backbone.extra.0.1"),

@@ -9,12 +9,13 @@ SSD warps the whole input to its fixed size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ZMaskError
+from ..errors import ConfigError, ZMaskError
 
 
 class TorchvisionDetector(nn.Module):
@@ -53,25 +54,50 @@ class TorchvisionDetector(nn.Module):
         return sum(losses.values())
 
 
-class TorchvisionSegmenter(nn.Module):
-    """A torchvision segmentation model: ImageNet normalisation inside, returns ``out`` logits."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-    def __init__(self, model: nn.Module) -> None:
+
+class TorchvisionSegmenter(nn.Module):
+    """A segmentation model behind the [0, 1] RGB interface: ``(x - mean) / std`` inside (the
+    normalisation the model was trained with; ImageNet's by default), returns the logits (the
+    ``out`` entry of torchvision's dict output, or the model's tensor output as it is)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
+        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32).flatten(), torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() not in (1, 3) or std_t.numel() not in (1, 3):
+            raise ConfigError(f"mean and std must have 1 or 3 values (one per RGB channel), got {list(mean)} and {list(std)}")
+        if not torch.isfinite(mean_t).all() or not torch.isfinite(std_t).all() or (std_t <= 0).any():
+            raise ConfigError(f"std must be positive and mean and std finite, got mean {list(mean)}, std {list(std)}")
         self.model = model
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)["out"]
+        output = self.model((images - self.mean) / self.std)
+        return output["out"] if isinstance(output, Mapping) else output
 
 
 def _weights(enum: Any, pretrained: bool) -> Any:
     return enum.DEFAULT if pretrained else None
 
 
-def build_detector(name: str, pretrained: bool = False) -> TorchvisionDetector:
-    """One of torchvision's COCO detectors; ``pretrained`` downloads torchvision's weights."""
+def _with_classes(builder: Any, name: str, weights: Any, num_classes: int | None, **options: Any) -> nn.Module:
+    """``builder(weights=..., num_classes=...)``; a class count that the weights do not have is a ``ConfigError``."""
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ConfigError(f"{name}: num_classes must be at least 1, got {num_classes}")
+        if weights is not None and len(weights.meta["categories"]) != num_classes:
+            raise ConfigError(f"{name}: the pretrained weights predict {len(weights.meta['categories'])} classes, not {num_classes}; "
+                              "build it with pretrained=False to train a head with another class count")
+        options["num_classes"] = num_classes
+    return builder(weights=weights, weights_backbone=None, **options)
+
+
+def build_detector(name: str, pretrained: bool = False, num_classes: int | None = None) -> TorchvisionDetector:
+    """One of torchvision's COCO detectors; ``pretrained`` downloads torchvision's weights;
+    ``num_classes`` (background included, as torchvision counts) for an untrained head of another size."""
     from torchvision.models import detection as d
 
     builders = {
@@ -83,12 +109,15 @@ def build_detector(name: str, pretrained: bool = False) -> TorchvisionDetector:
     if name not in builders:
         raise ZMaskError(f"unknown torchvision detector {name!r}; choose one of {sorted(builders)}")
     builder, weights, fixed = builders[name]
-    model = builder(weights=_weights(weights, pretrained), weights_backbone=None)
+    model = _with_classes(builder, name, _weights(weights, pretrained), num_classes)
     return TorchvisionDetector(model.eval(), fixed_size=fixed).eval()
 
 
-def build_segmenter(name: str, pretrained: bool = False) -> TorchvisionSegmenter:
-    """One of torchvision's segmentation models (21 VOC classes); ``pretrained`` downloads weights."""
+def build_segmenter(name: str, pretrained: bool = False, num_classes: int | None = None,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> TorchvisionSegmenter:
+    """One of torchvision's segmentation models; ``pretrained`` downloads weights (21 VOC classes);
+    ``num_classes`` for an untrained model with another class count (e.g. 11 for CamVid);
+    ``mean``/``std``: the normalisation the wrapper applies (see :class:`TorchvisionSegmenter`)."""
     from torchvision.models import segmentation as s
 
     builders = {
@@ -100,5 +129,5 @@ def build_segmenter(name: str, pretrained: bool = False) -> TorchvisionSegmenter
         raise ZMaskError(f"unknown torchvision segmenter {name!r}; choose one of {sorted(builders)}")
     builder, weights = builders[name]
     options = {"aux_loss": False} if name != "lraspp_mobilenet_v3_large" and not pretrained else {}
-    model = builder(weights=_weights(weights, pretrained), weights_backbone=None, **options)
-    return TorchvisionSegmenter(model.eval()).eval()
+    model = _with_classes(builder, name, _weights(weights, pretrained), num_classes, **options)
+    return TorchvisionSegmenter(model.eval(), mean, std).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,8 @@ from ..contracts import AttackableDetector, WeightedTerm
 from ..distributed import all_gather_objects
 from ..errors import ZMaskError
 from .registry import register_task, stack_items
+
+logger = logging.getLogger(__name__)
 
 
 class CocoEvaluator:
@@ -51,13 +54,14 @@ class CocoEvaluator:
             raise ZMaskError("no images were evaluated")
         if not records:
             return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "images": len(image_ids)}
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
             detections = self.ground_truth.loadRes(records)
             evaluation = COCOeval(self.ground_truth, detections, "bbox")
             evaluation.params.imgIds = image_ids
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()
+        logger.debug("pycocotools on %d images, %d detections:\n%s", len(image_ids), len(records), printed.getvalue().rstrip())
         stats = evaluation.stats
         return {"map": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]), "images": len(image_ids)}
 
