@@ -243,14 +243,20 @@ def test_profile_without_fingerprint_loads_with_a_warning(profile, tmp_path, cap
     assert any("no fingerprint" in record.getMessage() and str(path) in record.getMessage() for record in caplog.records)
 
 
-def test_shipped_profiles_still_load():
-    """The committed profiles have no weights fingerprint; they pass the schema unchanged."""
-    files = sorted({p.resolve() for folder in ("src/zmask/profiles", "experiments/profiles") for p in (ROOT / folder).glob("*.safetensors")})
-    names = {p.name for p in files}
-    assert {"espnet_camvid.safetensors", "yolov5n_coco.safetensors"} <= names
+def test_shipped_profiles_load_and_record_their_weights(assets):
+    """The shipped profiles pass the schema and record the fingerprint of the weights they were
+    fitted on: the ESPNet-CamVid profile is refused on ESPNet-Cityscapes (same architecture)."""
+    from zmask.models import get_preset
+
+    files = sorted(p.resolve() for p in (ROOT / "src/zmask/profiles").glob("*.safetensors"))
+    assert {"espnet_camvid.safetensors", "yolov5n_coco.safetensors"} <= {p.name for p in files}
     for path in files:
         loaded = load_profile(path)
-        assert loaded.weights_sha256 is None and loaded.threshold is not None and loaded.input_size is not None
+        assert loaded.weights_sha256 and loaded.threshold is not None and loaded.input_size is not None
+    camvid = ROOT / "src/zmask/profiles/espnet_camvid.safetensors"
+    with pytest.raises(ProfileError, match="allow_other_weights"):
+        ZMask.load(camvid, get_preset("espnet_cityscapes").build(True))
+    assert ZMask.load(camvid, get_preset("espnet_cityscapes").build(True), allow_other_weights=True).threshold is not None
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
