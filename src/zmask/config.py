@@ -66,10 +66,13 @@ class ZMaskConfig:
         in_channels: expected channel count of the model input.
         extreme_layers: layers (of S or D) whose channel maxima give a second detection score
             beyond the paper (``zmask.core.extremes``): an image is also flagged when its
-            hyper-activation score exceeds its own threshold, and the pixels where a channel exceeds
-            its clean maximum are masked too. Empty (the default) is the paper's defense.
+            hyper-activation score exceeds its own threshold. Empty (the default) is the paper's
+            defense.
         extreme_fpr: the false-positive rate on clean calibration images that the second
             threshold is chosen for.
+        extreme_mask: also mask, on flagged images, the pixels where a channel of the extreme
+            layers exceeds its clean maximum (off by default: on ESPNet-CamVid's deepest layer this
+            coverage spreads far beyond the patch and costs mIoU, see the README).
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
         chunk_elements: the refinement processes as many channels at once as fit this many values
@@ -96,6 +99,7 @@ class ZMaskConfig:
     chunk_elements: int = 2**23
     extreme_layers: tuple[str, ...] = ()
     extreme_fpr: float = 0.01
+    extreme_mask: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
@@ -166,6 +170,8 @@ class ZMaskConfig:
         outside = [name for name in self.extreme_layers if name not in self.layers]
         if outside:
             raise ConfigError(f"extreme_layers {outside} are not layers of S or D: the extreme evidence reads only layers the analysis reads")
+        if not isinstance(self.extreme_mask, bool):
+            raise ZMaskTypeError(f"extreme_mask must be true or false, got {self.extreme_mask!r}")
         if not 0.0 <= _real(self.extreme_fpr, "extreme_fpr") <= 1.0:
             raise ConfigError(f"extreme_fpr={self.extreme_fpr} must lie in [0, 1]")
 

@@ -60,3 +60,17 @@ def test_hardened_defense_round_trips_through_its_profile(tmp_path):
     assert loaded.extreme_threshold == defense.extreme_threshold
     assert torch.equal(first.flagged, second.flagged) and torch.equal(first.keep_mask, second.keep_mask)
     assert torch.equal(first.extreme_score, second.extreme_score)
+
+
+def test_coverage_is_masked_only_when_asked():
+    from zmask import ZMask
+
+    from ..toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+
+    images, _ = patched_batch(2, seed=5)
+    for extreme_mask in (False, True):
+        defense = ZMask(seeded_toy(), TOY_CONFIG.replace(extreme_layers=("c3",), extreme_mask=extreme_mask), seed=0)
+        defense.fit_statistics(clean_batches(3))
+        with torch.no_grad():
+            analysis = defense.analyze(defense.capture(images)[1], tuple(images.shape[-2:]), gate=False)
+        assert analysis.extreme_score is not None and (analysis.coverage is not None) == extreme_mask

@@ -40,9 +40,9 @@ class Analysis:
     size are computed on first use only, so a clean frame never pays for them:
     ``patch_mask``: 1[M~ > threshold] (B x 1 x H x W, 1 = patch, every image, not dilated);
     ``keep_mask``: Eq. 4's M (1 = keep; all ones where not flagged; dilated by ``mask_dilation``).
-    With channel-extreme evidence (``config.extreme_layers``): ``extreme_score`` (B) and
-    ``coverage`` (B x 1 x h x w, pixels where a channel exceeds its clean maximum); an image is then
-    flagged by either score, and its coverage is masked with the patch mask.
+    With channel-extreme evidence (``config.extreme_layers``): ``extreme_score`` (B), and an image
+    is flagged by either score; with ``config.extreme_mask`` also ``coverage`` (B x 1 x h x w,
+    pixels where a channel exceeds its clean maximum), masked with the patch mask.
     """
 
     heatmaps: Heatmaps
@@ -122,7 +122,7 @@ def analyze(
     hyper, coverage = None, None
     if extremes:
         hyper = extreme_score(activations, extremes)
-        coverage = coverage_map(activations, extremes)
+        coverage = coverage_map(activations, extremes) if config.extreme_mask else None
         if gate and extreme_threshold is not None:
             flagged = flagged | (hyper.detach() > extreme_threshold)
     return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation, hyper, coverage)
