@@ -183,3 +183,12 @@ def test_end_to_end_objective_is_the_task_loss_of_the_defended_output(toy_setup)
     assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     (gradient,) = torch.autograd.grad(value, images)
     assert gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("settings", [{"learning_rate": float("nan")}, {"learning_rate": float("inf")}, {"learning_rate": 0.0},
+                                      {"smoothness_weight": float("nan")}, {"printability_weight": -1.0}])
+def test_attack_settings_must_be_finite(settings):
+    from zmask import ConfigError
+
+    with pytest.raises(ConfigError):
+        AttackConfig(patch_size=(4, 4), **settings)

@@ -9,6 +9,7 @@ alpha, smoothness, printability) mean what they say whatever the terms' scales.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -58,8 +59,11 @@ class AttackConfig:
                 raise ConfigError(f"{name}={value} must lie in [0, 1]")
         if self.defense_attack is not None:
             ADAPTIVE_OBJECTIVES.get(self.defense_attack)  # unknown names raise with the choices
-        if min(self.patch_size) < 1 or self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+        if min(self.patch_size) < 1 or self.steps < 0 or self.batch_size < 1 or not 0 < self.learning_rate < math.inf:
             raise ConfigError(f"invalid attack settings: patch {self.patch_size}, steps {self.steps}, batch {self.batch_size}, lr {self.learning_rate}")
+        for name in ("smoothness_weight", "printability_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
