@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contracts import AdaptiveObjective, AttackContext
-from ..core.analysis import Analysis
+from ..core.analysis import Analysis, flag
 from ..core.masking import apply_mask, dilate_mask
 from ..core.statistics import resize_nearest
 from ..registry import Registry
@@ -77,10 +77,8 @@ def end_to_end_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     it again, and take the task's attack terms on that output (their weighted sum, to minimise)."""
     defense = context.defense
     analysis = context.analysis
-    if defense.threshold is not None:  # the attack sees the ungated analysis: recompute the defense's own flags
-        flagged = analysis.score.detach() > defense.threshold
-        if analysis.extreme_score is not None and defense.extreme_threshold is not None:
-            flagged = flagged | (analysis.extreme_score.detach() > defense.extreme_threshold)
+    if defense.threshold is not None:  # the attack sees the ungated analysis: take the defense's own decision
+        flagged = flag(analysis.score, defense.threshold, analysis.extreme_score, defense.extreme_threshold)
         analysis = dataclasses.replace(analysis, flagged=flagged)
     keep = straight_through_keep_mask(analysis, defense.threshold, extreme_threshold=defense.extreme_threshold)
     masked = apply_mask(context.images, keep, defense.config.fill_value)

@@ -98,6 +98,14 @@ def compute_heatmaps(
     return Heatmaps(shallow, deep, maps if per_layer else {})
 
 
+def flag(score: torch.Tensor, threshold: float, extreme: torch.Tensor | None = None, extreme_threshold: float | None = None) -> torch.Tensor:
+    """The decision (B bool): d > lambda0, or the extreme score above its own threshold when there is one."""
+    flagged = score.detach() > threshold
+    if extreme is not None and extreme_threshold is not None:
+        flagged = flagged | (extreme.detach() > extreme_threshold)
+    return flagged
+
+
 def analyze(
     activations: Mapping[str, torch.Tensor], statistics: Mapping[str, LayerStatistics] | None, fusion: FusionBlock,
     config: ZMaskConfig, refiner: LayerRefiner, threshold: float | None, input_size: tuple[int, int], gate: bool = True,
@@ -113,16 +121,12 @@ def analyze(
         raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
     soft, score = fuse_and_score(fusion, heatmaps.shallow, heatmaps.deep, config.score)
+    hyper = extreme_score(activations, extremes) if extremes else None
+    coverage = coverage_map(activations, extremes) if extremes and config.extreme_mask else None
     if gate:
         if threshold is None:
             raise NotFittedError("the threshold lambda0 is not set: call calibrate(...) or pass gate=False")
-        flagged = score.detach() > threshold
+        flagged = flag(score, threshold, hyper, extreme_threshold)
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    hyper, coverage = None, None
-    if extremes:
-        hyper = extreme_score(activations, extremes)
-        coverage = coverage_map(activations, extremes) if config.extreme_mask else None
-        if gate and extreme_threshold is not None:
-            flagged = flagged | (hyper.detach() > extreme_threshold)
     return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation, hyper, coverage)

@@ -5,7 +5,7 @@ and still drive a few channels far above anything seen on clean images; HN-style
 (hyper-activated neurons) see that in the same forward pass. This module holds the pure pieces:
 
 * :class:`ExtremeAccumulator` - clean statistics of each channel's spatial maximum (mean, std,
-  and the largest value seen), mergeable across ranks;
+  and the largest value seen), mergeable across ranks; also what the HN baseline fits;
 * :func:`extreme_score` - per image, the mean over channels of the positive Z-score of the
   channel's maximum, maximised over the layers (a second detection score);
 * :func:`coverage_map` - per pixel, whether any channel exceeds its clean maximum there (where
@@ -45,22 +45,21 @@ def channel_maxima(activation: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ExtremeAccumulator:
-    """Streaming sums of per-image channel maxima (float64), their squares, and their maximum."""
+    """Per-image channel maxima of each layer (float64, C values per image), kept so that the
+    statistics are exact whatever the number of images."""
 
     images: int = 0
-    _state: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _maxima: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def update(self, activations: Mapping[str, torch.Tensor]) -> None:
         batch = 0
         for name, activation in activations.items():
             maxima = channel_maxima(activation.detach()).double().cpu()
             batch = maxima.shape[0]
-            values = [maxima.sum(0), (maxima**2).sum(0), maxima.amax(0)]
-            previous = self._state.get(name)
-            if previous is not None and previous[0].shape != values[0].shape:
-                raise InputError(f"layer {name!r} changed its channel count from {previous[0].shape[0]} to {values[0].shape[0]}")
-            self._state[name] = values if previous is None else [previous[0] + values[0], previous[1] + values[1],
-                                                                 torch.maximum(previous[2], values[2])]
+            previous = self._maxima.setdefault(name, [])
+            if previous and previous[0].shape[1] != maxima.shape[1]:
+                raise InputError(f"layer {name!r} changed its channel count from {previous[0].shape[1]} to {maxima.shape[1]}")
+            previous.append(maxima)
         self.images += batch
 
     def all_reduce(self) -> None:
@@ -70,35 +69,33 @@ class ExtremeAccumulator:
         rank, world = rank_and_world()
         if world == 1:
             return
-        states = sorted(all_gather_objects([(rank, self.images, self._state)]), key=lambda state: state[0])
-        merged = ExtremeAccumulator()
-        for _, images, state in states:
-            for name, values in state.items():
-                mine = merged._state.get(name)
-                merged._state[name] = [v.clone() for v in values] if mine is None else [mine[0] + values[0], mine[1] + values[1],
-                                                                                        torch.maximum(mine[2], values[2])]
-            merged.images += images
-        self.images, self._state = merged.images, merged._state
+        states = sorted(all_gather_objects([(rank, self.images, self._maxima)]), key=lambda state: state[0])
+        merged: dict[str, list[torch.Tensor]] = {}
+        for _, _, maxima in states:
+            for name, values in maxima.items():
+                merged.setdefault(name, []).extend(values)
+        self.images, self._maxima = sum(images for _, images, _ in states), merged
 
     def compute(self) -> dict[str, LayerExtremes]:
         if self.images == 0:
             raise InputError("no clean images were seen: channel-extreme statistics need at least one batch")
         result = {}
-        for name, (total, squares, upper) in self._state.items():
-            mean = total / self.images
-            variance = (squares - self.images * mean**2) / max(self.images - 1, 1)
-            std = variance.clamp(min=0).sqrt() if self.images > 1 else torch.ones_like(mean)
-            result[name] = LayerExtremes(mean.float(), std.float().clamp(min=1e-6), upper.float())
+        for name, values in self._maxima.items():
+            maxima = torch.cat(values)
+            std = maxima.std(0).float().clamp(min=1e-6) if len(maxima) > 1 else torch.ones(maxima.shape[1])
+            result[name] = LayerExtremes(maxima.mean(0).float(), std, maxima.amax(0).float())
         return result
 
 
+def hyper_activation(activation: torch.Tensor, stats: LayerExtremes) -> torch.Tensor:
+    """Per image (B): mean_c relu((max_hw a_c - mu_c) / sigma_c), the HyperNeuron score of one layer."""
+    maxima = channel_maxima(activation)
+    return ((maxima - stats.mean.to(maxima)) / stats.std.to(maxima)).clamp(min=0).mean(1)
+
+
 def extreme_score(activations: Mapping[str, torch.Tensor], extremes: Mapping[str, LayerExtremes]) -> torch.Tensor:
-    """Per image (B): max over layers of mean_c relu((max_hw a_c - mu_c) / sigma_c)."""
-    scores = []
-    for name, stats in extremes.items():
-        maxima = channel_maxima(activations[name])
-        scores.append(((maxima - stats.mean.to(maxima)) / stats.std.to(maxima)).clamp(min=0).mean(1))
-    return torch.stack(scores).amax(0)
+    """Per image (B): the maximum over layers of :func:`hyper_activation`."""
+    return torch.stack([hyper_activation(activations[name], stats) for name, stats in extremes.items()]).amax(0)
 
 
 def coverage_map(activations: Mapping[str, torch.Tensor], extremes: Mapping[str, LayerExtremes]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.capture import ActivationCapture
+from ..core.extremes import ExtremeAccumulator, LayerExtremes, hyper_activation
 from ..validation import batch_images
 
 
@@ -79,24 +80,22 @@ class _LayerScore:
 
 
 class HyperNeuronScore(_LayerScore):
-    """HN: mean positive Z-score of each channel's spatial maximum (clean mean/std of maxima)."""
+    """HN: mean positive Z-score of each channel's spatial maximum (clean mean/std of maxima),
+    :func:`zmask.core.extremes.hyper_activation` on one layer."""
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
-        self._maxima: list[torch.Tensor] = []
-        self.mean = self.std = None
+        self._accumulator = ExtremeAccumulator()
+        self.extremes: LayerExtremes | None = None
 
     def _update(self, activation: torch.Tensor) -> None:
-        self._maxima.append(activation.flatten(2).amax(2).double().cpu())
+        self._accumulator.update({self.layer: activation})
 
     def _finish(self) -> None:
-        maxima = torch.cat(self._maxima)
-        self.mean = maxima.mean(0).float()
-        self.std = maxima.std(0).float().clamp(min=1e-6) if len(maxima) > 1 else torch.ones(maxima.shape[1])
+        self.extremes = self._accumulator.compute()[self.layer]
 
     def score_activation(self, activation: torch.Tensor) -> torch.Tensor:
-        zscore = (activation.flatten(2).amax(2) - self.mean.to(activation)) / self.std.to(activation)
-        return zscore.clamp(min=0).mean(1)
+        return hyper_activation(activation, self.extremes)
 
 
 class CoverageScore(_LayerScore):
