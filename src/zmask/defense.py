@@ -217,12 +217,7 @@ class ZMask(nn.Module):
         return output, capture.require_all()
 
     def _statistics_on(self, device: torch.device) -> dict[str, LayerStatistics] | None:
-        if self.statistics is None:
-            return None
-        key = str(device)
-        if key not in self._device_statistics:
-            self._device_statistics[key] = {name: stats.to(device) for name, stats in self.statistics.items()}
-        return self._device_statistics[key]
+        return _on_device(self._device_statistics, self.statistics, device)
 
     def analyze(self, activations: dict[str, torch.Tensor], input_size: tuple[int, int], gate: bool = True,
                 per_layer: bool = False) -> Analysis:
@@ -231,12 +226,7 @@ class ZMask(nn.Module):
         if not activations:
             raise InputError("no activations were given")
         device = next(iter(activations.values())).device
-        extremes = None
-        if self.extremes is not None:
-            key = str(device)
-            if key not in self._device_extremes:
-                self._device_extremes[key] = {name: stats.to(device) for name, stats in self.extremes.items()}
-            extremes = self._device_extremes[key]
+        extremes = _on_device(self._device_extremes, self.extremes, device)
         return analyze(activations, self._statistics_on(device), self.fusion, self.config, self._refiner, self.threshold,
                        input_size, gate, per_layer, extremes, self.extreme_threshold)
 
@@ -333,6 +323,16 @@ class ZMask(nn.Module):
         path = preset.profile()
         logger.info("loading the shipped profile %s for preset %s", path, preset.name)
         return cls.load(path, preset.build(pretrained), **kwargs)
+
+
+def _on_device(cache: dict[str, dict[str, Any]], values: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
+    """``values`` (per-layer statistics with a ``to(device)``) moved to ``device`` once and kept in ``cache``."""
+    if values is None:
+        return None
+    key = str(device)
+    if key not in cache:
+        cache[key] = {name: stats.to(device) for name, stats in values.items()}
+    return cache[key]
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:
