@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from ..config import Kernel, ZMaskConfig
 from .boxfilter import Workspace, box_mean_separable, box_sum_from_table, separable_layout, summed_area_table, window_areas
 from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
-from .statistics import LayerStatistics, zscore, zscore_grid
+from .statistics import LayerStatistics, flush_subnormals, zscore, zscore_grid
 
-# How many elementwise operations one multiply-add of a matrix product is worth, for the "auto"
-# choice between the evaluators (benchmarks/bench_refinement.py prints which one each layer gets).
-_MATMUL_ADVANTAGE = 8.0
+# How many multiply-adds of a matrix product cost as much as one elementwise operation, for the
+# "auto" choice between the evaluators. Measured per layer with both evaluators (1 thread): the
+# choice is right for every ESPNet, YOLOv5n and ResNet-50 layer of the presets for values between
+# 44 and 57 (benchmarks/bench_refinement.py prints which one each layer gets).
+_MATMUL_ADVANTAGE = 50.0
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ class LayerRefiner:
         the native Z-score in :func:`separable_layout` (separable)."""
         chunk = chunk.float()
         if plan.method == "separable":
-            return separable_layout(zscore(chunk, mean, scale))
+            return separable_layout(flush_subnormals(zscore(chunk, mean, scale), inplace=True))
         if plan.resample is not None and not chunk.requires_grad and mean.shape[-2:] == (1, 1):
             # Nearest resizing by an integer factor commutes with the per-channel Z-score: compute
             # it on the smaller of the two grids and write it into the table with the repeat as a
