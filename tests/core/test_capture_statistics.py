@@ -191,3 +191,16 @@ def test_uncopied_capture_falls_back_to_copies_when_the_model_changes_a_layer_in
         plain = ZMask(seeded_toy(), TOY_CONFIG)
         _, activations = plain.capture(images)
         assert not plain._clone_activations and torch.equal(activations["c1"], plain.model.c1(images))
+
+
+def test_flush_subnormals_zeroes_only_subnormals_and_keeps_gradients():
+    from zmask.core.statistics import flush_subnormals
+
+    tiny = torch.finfo(torch.float32).tiny
+    values = torch.tensor([tiny / 4, -tiny / 8, tiny, -2 * tiny, 0.0, 1.5, -3.0])
+    flushed = flush_subnormals(values)
+    assert flushed.tolist() == [0.0, 0.0, tiny, -2 * tiny, 0.0, 1.5, -3.0]
+    assert values[0] != 0  # not in place unless asked
+    tracked = values.clone().requires_grad_()
+    flush_subnormals(tracked, inplace=True).sum().backward()
+    assert tracked.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]

@@ -40,9 +40,9 @@ def flush_subnormals(values: torch.Tensor, inplace: bool = False) -> torch.Tenso
     (the heatmaps stay bit for bit the same in the benchmarks).
     """
     small = values.abs() < torch.finfo(values.dtype).tiny
-    if inplace and not values.requires_grad:
-        return values.masked_fill_(small, 0.0)
-    return values.masked_fill(small, 0.0)
+    if not values.requires_grad:
+        return values.masked_fill_(small, 0.0) if inplace else values.masked_fill(small, 0.0)
+    return values.masked_fill(small & (values != 0), 0.0)  # exact zeros keep their gradient
 
 
 def zscore_grid(activation: torch.Tensor, stats: LayerStatistics, heatmap_size: tuple[int, int], eps: float, std_floor: float,
