@@ -7,7 +7,7 @@ themselves (``zmask.models.PRESETS``, ``zmask.tasks.TASKS``, ``zmask.evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -56,6 +56,34 @@ class MetricAccumulator(Protocol):
     ranks and returns a dict of floats that holds at least the task's ``metric_key``."""
 
     def compute(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Resampler:
+    """A task metric on resampled multisets of images (the bootstrap over images).
+
+    ``keys``: the dataset indices of the images evaluated, on every rank, sorted.
+    ``compute(keys)``: the metric dict that ``compute()`` would return had exactly the images
+    ``keys`` been evaluated, an image listed twice counting twice.
+    """
+
+    keys: list[int]
+    compute: Callable[[Sequence[int]], dict[str, Any]]
+
+
+@runtime_checkable
+class ResamplableMetric(Protocol):
+    """A :class:`MetricAccumulator` whose metric can be recomputed on resampled images.
+
+    Images are keyed by their index in the evaluated dataset (``Task.update_metric`` finds it in
+    ``batch["index"]``, which the evaluation loop adds). ``resampler()`` gathers what it needs from
+    every ``torch.distributed`` rank (call it on all of them) and returns a :class:`Resampler`. A
+    task whose metric lacks it still gets intervals for its detection numbers, not for its metric.
+    """
+
+    def compute(self) -> dict[str, Any]: ...
+
+    def resampler(self) -> Resampler: ...
 
 
 @runtime_checkable

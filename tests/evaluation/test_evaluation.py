@@ -126,6 +126,16 @@ def test_experiments_report_reuse_and_reproducibility(toy_setup, tmp_path, monke
         assert (tmp_path / "a" / name).is_file(), name
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "## Masking" in summary and "## Defense-aware attacks" in summary
+    assert "## Recovery" in summary and "## Operating point" in summary and "bootstrap intervals" in summary
+    # bootstrap intervals over the images, around each point estimate
+    assert results["bootstrap"]["images"] == len(toy_setup[2])
+    for row in ("no patch", "L"):
+        value, (low, high) = results["masking"][row]["zmask"]["miou"], results["masking"][row]["zmask"]["miou_ci"]
+        assert low <= value + 1e-9 and value <= high + 1e-9
+    detection = results["detection"]["L"]["zmask"]
+    assert detection["auc_ci"][0] <= detection["auc"] <= detection["auc_ci"][1]
+    assert set(results["recovery"]["L"]) == {"zmask", "lgs"}
+    assert results["operating_point"]["threshold"] == toy_setup[1].threshold
     again, _ = _run(toy_setup, tmp_path / "b")
     first, second = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("a", "b"))
     first.pop("seconds"), second.pop("seconds")

@@ -18,14 +18,16 @@ from .._version import __version__
 from ..contracts import Defense, Task
 from ..defense import ZMask
 from .defenses import NoDefense, ZMaskDefense, report_rows
-from .report import examples_figure, fmt, markdown_table, roc_figure, sweep_figure, write_json
-from .runner import PatchSetting, evaluate, place_patches
+from .report import examples_figure, fmt, fmt_interval, markdown_table, roc_figure, sweep_figure, write_json
+from .runner import DefenseMetrics, PatchSetting, evaluate, place_patches
+from .uncertainty import Bootstrap, BootstrapConfig, recovery
 
 
 @dataclass
 class ExperimentSpec:
     """What to run. ``patches``: name -> patch for the masking table (e.g. S, M, L, random L);
-    ``beta_patches``: beta -> patch; ``alpha_patches``: (attack, alpha) -> patch."""
+    ``beta_patches``: beta -> patch; ``alpha_patches``: (attack, alpha) -> patch; ``bootstrap``: the
+    confidence intervals (over images) attached to every number (``*_ci`` entries)."""
 
     name: str
     patches: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -34,6 +36,7 @@ class ExperimentSpec:
     seed: int = 0
     batch_size: int = 4
     examples: int = 2
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
 
 def _auc(clean: list[float], patched: list[float]) -> float | None:
@@ -90,7 +93,11 @@ def run_experiments(
     settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
     cache = _SettingCache(task, dataset, spec, progress)
     table = cache.run(settings, all_defenses)
-    results["masking"] = {s: {d: m.summary() for d, m in row.items()} for s, row in table.items()}
+    boot = Bootstrap(next(iter(table["no patch"].values())).indices, spec.bootstrap)
+    results["bootstrap"] = {"resamples": spec.bootstrap.resamples, "confidence": spec.bootstrap.confidence, "seed": spec.bootstrap.seed,
+                            "images": len(boot.keys)}
+    results["masking"] = {s: {d: _with_intervals(m, key, boot) for d, m in row.items()} for s, row in table.items()}
+    results["recovery"] = _recoveries(table, [d.name for d in masking_defenses], key, boot)
     # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
     clean_scores = {d: m.scores for d, m in table["no patch"].items() if m.scores}
     detection = {}
@@ -98,12 +105,21 @@ def run_experiments(
         detection[setting] = {}
         for name, metrics in table[setting].items():
             if name in clean_scores:
+                clean = table["no patch"][name]
                 detection[setting][name] = {
                     "auc": _auc(clean_scores[name], metrics.scores),
                     "tpr": sum(metrics.flagged) / len(metrics.flagged) if metrics.flagged else None,
-                    "fpr": (sum(table["no patch"][name].flagged) / len(table["no patch"][name].flagged)) if table["no patch"][name].flagged else None,
+                    "fpr": (sum(clean.flagged) / len(clean.flagged)) if clean.flagged else None,
+                    "auc_ci": boot.auc_interval(clean.scores, metrics.scores),
+                    "tpr_ci": boot.mean_interval(metrics.flagged), "fpr_ci": boot.mean_interval(clean.flagged),
                 }
     results["detection"] = detection
+    results["operating_point"] = {
+        "threshold": zmask.threshold, "calibration": dict(zmask.calibration.__dict__) if zmask.calibration is not None else None,
+        "evaluation": {"clean_flag_rate": results["masking"]["no patch"].get(ZMaskDefense.name, {}).get("flag_rate"),
+                       "clean_flag_rate_ci": results["masking"]["no patch"].get(ZMaskDefense.name, {}).get("flag_rate_ci"),
+                       "tpr": {s: row.get(ZMaskDefense.name, {}).get("tpr") for s, row in detection.items()}},
+    }
     if spec.patches:
         last = list(spec.patches)[-1]
         roc_figure(output / "roc.png", {d: (clean_scores[d], table[last][d].scores) for d in clean_scores}, f"clean vs {last}")
@@ -112,7 +128,9 @@ def run_experiments(
         betas = sorted(spec.beta_patches)
         sweep = cache.run([PatchSetting(f"beta={b}", spec.beta_patches[b]) for b in betas], all_defenses)
         results["beta_sweep"] = {
-            str(b): {d: {**m.summary(), "auc": _auc(clean_scores.get(d, []), m.scores)} for d, m in sweep[f"beta={b}"].items()} for b in betas
+            str(b): {d: {**m.summary(), "auc": _auc(clean_scores.get(d, []), m.scores),
+                         "auc_ci": boot.auc_interval(table["no patch"][d].scores, m.scores) if d in clean_scores else None}
+                     for d, m in sweep[f"beta={b}"].items()} for b in betas
         }
         sweep_figure(output / "beta_auc.png", betas, {d: [results["beta_sweep"][str(b)][d]["auc"] for b in betas] for d in clean_scores},
                      "beta", "ROC AUC (clean vs patched)", "detection vs beta")
@@ -122,7 +140,7 @@ def run_experiments(
     if spec.alpha_patches:
         alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
         sweep = cache.run(alpha_settings, [d for d in all_defenses if d.masks])
-        results["alpha_sweep"] = {s: {d: m.summary() for d, m in row.items()} for s, row in sweep.items()}
+        results["alpha_sweep"] = {s: {d: _with_intervals(m, key, boot) for d, m in row.items()} for s, row in sweep.items()}
         for attack in sorted({a for a, _ in spec.alpha_patches}):
             alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
             rows = [results["alpha_sweep"][f"{attack} alpha={alpha}"] for alpha in alphas]
@@ -138,6 +156,38 @@ def run_experiments(
     write_json(output / "results.json", {"meta": meta, "results": results})
     (output / "summary.md").write_text(summary_markdown(results, meta))
     return results
+
+
+def _with_intervals(metrics: DefenseMetrics, key: str, boot: Bootstrap) -> dict[str, Any]:
+    """``metrics.summary()`` plus bootstrap intervals of the task metric, flag rate and mask IoU."""
+    summary = metrics.summary()
+    if boot.covers(metrics):
+        summary[f"{key}_ci"] = boot.metric_interval(metrics, key) if key in summary else None
+        if metrics.flagged:
+            summary["flag_rate_ci"] = boot.mean_interval(metrics.flagged)
+        if metrics.mask_iou:
+            summary["mask_iou_ci"] = boot.mean_interval(metrics.mask_iou)
+    return summary
+
+
+def _recoveries(table: dict[str, dict[str, DefenseMetrics]], masking: list[str], key: str, boot: Bootstrap) -> dict[str, Any]:
+    """recovery[setting][defense]: the share of the metric lost to the patch (undefended, clean vs
+    patched) that the defense gives back, with its interval; needs the undefended row."""
+    none = NoDefense.name
+    if none not in table["no patch"] or key not in table["no patch"][none].task:
+        return {}
+    clean = table["no patch"][none]
+    result: dict[str, Any] = {}
+    for setting, row in table.items():
+        if setting == "no patch" or none not in row:
+            continue
+        attacked = row[none]
+        result[setting] = {
+            d: {"recovery": recovery(row[d].task[key], attacked.task[key], clean.task[key]),
+                "recovery_ci": boot.recovery_interval(row[d], attacked, clean, key)}
+            for d in masking if d != none and d in row and key in row[d].task
+        }
+    return result
 
 
 def _examples(dataset: Dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[str, Any]]:
@@ -156,28 +206,53 @@ def _examples(dataset: Dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict
 
 
 def summary_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    """The paper's table layouts in Markdown; columns are every evaluated defense (``results["defenses"]``)."""
+    """The paper's table layouts in Markdown; columns are every evaluated defense (``results["defenses"]``).
+    Brackets hold the bootstrap interval over images (``results["bootstrap"]``)."""
     key = results["metric"]
     lines = [f"# {results['experiment']}", "", f"zmask {meta['zmask_version']}, torch {meta['torch']}, seed {meta['seed']}, lambda0 {meta['threshold']}", ""]
+    boot = results.get("bootstrap")
+    if boot and boot["resamples"]:
+        lines += [f"Brackets: {boot['confidence']:.0%} bootstrap intervals over the {boot['images']} evaluated images "
+                  f"({boot['resamples']} resamples, seed {boot['seed']}; the same resampled image sets for every number).", ""]
+    point = results.get("operating_point")
+    if point:
+        calibration = point.get("calibration") or {}
+        evaluation = point["evaluation"]
+        lines += ["## Operating point of Z-Mask", "",
+                  "| | threshold | TPR | FPR (clean flag rate) |", "|---|---|---|---|",
+                  f"| calibration data ({calibration.get('criterion', '-')}) | {fmt(point['threshold'], 4)} | {fmt(calibration.get('true_positive_rate'))} | "
+                  f"{fmt(calibration.get('false_positive_rate'))} |"]
+        for setting, tpr in evaluation["tpr"].items():
+            lines.append(f"| evaluation, {setting} | {fmt(point['threshold'], 4)} | {fmt(tpr)} | "
+                         f"{fmt_interval(evaluation['clean_flag_rate'], evaluation['clean_flag_rate_ci'])} |")
+        lines.append("")
     masking = results["masking"]
     masking_defenses = [d for d, kind in results["defenses"].items() if kind["masks"]]
     lines += [f"## Masking ({key}; patch pixels ignored; columns as the paper's Table 1)", "",
-              markdown_table(list(masking), masking_defenses, lambda r, c: fmt(masking[r].get(c, {}).get(key))), ""]
+              markdown_table(list(masking), masking_defenses, lambda r, c: fmt_interval(masking[r].get(c, {}).get(key), masking[r].get(c, {}).get(f"{key}_ci"))), ""]
+    recoveries = results.get("recovery", {})
+    if recoveries:
+        columns = sorted({d for row in recoveries.values() for d in row})
+        lines += [f"## Recovery of the lost {key} ((defended - attacked) / (clean - attacked), undefended clean and attacked)", "",
+                  markdown_table(list(recoveries), columns, lambda r, c: fmt_interval(recoveries[r].get(c, {}).get("recovery"), recoveries[r].get(c, {}).get("recovery_ci"))), ""]
     lines += ["## Patch-masking IoU (predicted vs true patch pixels)", "",
-              markdown_table([r for r in masking if r != "no patch"], masking_defenses, lambda r, c: fmt(masking[r].get(c, {}).get("mask_iou"))), ""]
+              markdown_table([r for r in masking if r != "no patch"], masking_defenses,
+                             lambda r, c: fmt_interval(masking[r].get(c, {}).get("mask_iou"), masking[r].get(c, {}).get("mask_iou_ci"))), ""]
     detection = results.get("detection", {})
     detectors = sorted({d for row in detection.values() for d in row})
     if detection:
-        lines += ["## Detection (ROC AUC clean vs patched / TPR at the calibrated threshold)", "",
-                  markdown_table(list(detection), detectors, lambda r, c: f"{fmt(detection[r].get(c, {}).get('auc'))} / {fmt(detection[r].get(c, {}).get('tpr'))}"), ""]
+        lines += ["## Detection (ROC AUC clean vs patched / TPR at the calibrated threshold / FPR on clean images)", "",
+                  markdown_table(list(detection), detectors, lambda r, c: " / ".join(
+                      fmt_interval(detection[r].get(c, {}).get(name), detection[r].get(c, {}).get(f"{name}_ci")) for name in ("auc", "tpr", "fpr"))), ""]
     if "beta_sweep" in results:
         sweep = results["beta_sweep"]
         lines += ["## Activation-aware patches (beta sweep; AUC / " + key + ")", "",
                   markdown_table(list(sweep), detectors + [d for d in masking_defenses if d not in detectors],
-                                 lambda r, c: f"{fmt(sweep[r].get(c, {}).get('auc'))} / {fmt(sweep[r].get(c, {}).get(key))}"), ""]
+                                 lambda r, c: f"{fmt_interval(sweep[r].get(c, {}).get('auc'), sweep[r].get(c, {}).get('auc_ci'))} / {fmt(sweep[r].get(c, {}).get(key))}"), ""]
     if "alpha_sweep" in results:
         sweep = results["alpha_sweep"]
         columns = sorted({d for row in sweep.values() for d, m in row.items() if key in m})
         lines += ["## Defense-aware attacks (alpha sweep; " + key + " / Z-Mask TPR)", "",
-                  markdown_table(list(sweep), columns, lambda r, c: f"{fmt(sweep[r].get(c, {}).get(key))} / {fmt(sweep[r].get(c, {}).get('flag_rate'))}"), ""]
+                  markdown_table(list(sweep), columns, lambda r, c: f"{fmt_interval(sweep[r].get(c, {}).get(key), sweep[r].get(c, {}).get(f'{key}_ci'))} / "
+                                                                    f"{fmt(sweep[r].get(c, {}).get('flag_rate'))}"), ""]
     return "\n".join(lines) + "\n"

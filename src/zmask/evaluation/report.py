@@ -39,6 +39,13 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+def fmt_interval(value: Any, interval: list[float] | None, digits: int = 3) -> str:
+    """``value [low, high]`` (just the value when there is no interval)."""
+    if interval is None or value is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], 2)}, {fmt(interval[1], 2)}]"
+
+
 def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
     from matplotlib.figure import Figure
 

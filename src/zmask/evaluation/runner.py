@@ -30,12 +30,19 @@ class PatchSetting:
 
 @dataclass
 class DefenseMetrics:
-    """What one defense achieved under one setting."""
+    """What one defense achieved under one setting.
+
+    ``indices``: the dataset index of each evaluated image, sorted; ``scores``, ``flagged`` and
+    ``mask_iou`` (when recorded) hold one entry per image in that order, on any sharding.
+    ``metric``: the task's metric accumulator (kept for the bootstrap, :mod:`.uncertainty`).
+    """
 
     task: dict[str, Any] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)
     flagged: list[bool] = field(default_factory=list)
     mask_iou: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    metric: Any = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         result = dict(self.task)
@@ -44,6 +51,16 @@ class DefenseMetrics:
         if self.mask_iou:
             result["mask_iou"] = sum(self.mask_iou) / len(self.mask_iou)
         return result
+
+    def gather(self) -> None:
+        """Concatenate every rank's images and put all per-image lists in dataset-index order."""
+        columns = [(name, values) for name, values in (("scores", self.scores), ("flagged", self.flagged), ("mask_iou", self.mask_iou))
+                   if len(values) == len(self.indices)]
+        rows = all_gather_objects(list(zip(self.indices, *(values for _, values in columns))))
+        rows.sort(key=lambda row: row[0])
+        self.indices = [row[0] for row in rows]
+        for position, (name, _) in enumerate(columns, start=1):
+            setattr(self, name, [row[position] for row in rows])
 
 
 class _Indexed(Dataset):
@@ -96,11 +113,13 @@ def evaluate(
                 images, masks = place_patches(images, setting.patch, batch["index"], seed)
             else:
                 masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+            indices = [int(i) for i in batch["index"]]
             for defense in defenses:
                 with torch.no_grad():
                     result = defense(images)
                 task.update_metric(accumulators[defense.name], result.output, batch, masks)
                 record = metrics[defense.name]
+                record.indices += indices
                 if result.score is not None:
                     record.scores += result.score.float().cpu().tolist()
                 if result.flagged is not None:
@@ -109,6 +128,7 @@ def evaluate(
                     record.mask_iou += _iou(result.mask, masks)
                 for name, (score, flagged) in result.extra.items():
                     observed = metrics.setdefault(name, DefenseMetrics())
+                    observed.indices += indices
                     observed.scores += score.float().cpu().tolist()
                     if flagged is not None:
                         observed.flagged += flagged.cpu().tolist()
@@ -116,8 +136,8 @@ def evaluate(
                     examples.append({"setting": setting.name, "defense": defense.name, "image": images[0], "output": first_output(result.output), "mask": masks[0]})
         for name, record in metrics.items():
             if name in accumulators:
-                record.task = accumulators[name].compute()
-            record.scores, record.flagged, record.mask_iou = (all_gather_objects(v) for v in (record.scores, record.flagged, record.mask_iou))
+                record.task, record.metric = accumulators[name].compute(), accumulators[name]
+            record.gather()
         results[setting.name] = metrics
     return results, examples
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..contracts import AttackableDetector, WeightedTerm
+from ..contracts import AttackableDetector, Resampler, WeightedTerm
 from ..distributed import all_gather_objects
 from ..errors import ZMaskError
 from .registry import register_task, stack_items
@@ -34,8 +36,14 @@ class CocoEvaluator:
             self.ground_truth = COCO(str(path))
         self.records: list[dict[str, Any]] = []
         self.image_ids: list[int] = []
+        self.keys: dict[int, int] = {}  # dataset index -> COCO image id
 
-    def update(self, image_ids: list[int], outputs: list[dict[str, torch.Tensor]]) -> None:
+    def update(self, image_ids: list[int], outputs: list[dict[str, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
+        """Add detections of images ``image_ids`` (COCO ids); ``keys`` (dataset indices) enable :meth:`resampler`."""
+        if keys is not None:
+            if len(keys) != len(image_ids):
+                raise ZMaskError(f"{len(keys)} keys for {len(image_ids)} images")
+            self.keys.update({int(key): int(image_id) for key, image_id in zip(keys, image_ids)})
         for image_id, output in zip(image_ids, outputs):
             self.image_ids.append(int(image_id))
             boxes = output["boxes"].detach().cpu().double()
@@ -47,23 +55,68 @@ class CocoEvaluator:
 
     def compute(self) -> dict[str, float]:
         """COCO AP@[.5:.95], AP50 and AP75 over the images seen (on every rank)."""
-        from pycocotools.cocoeval import COCOeval
-
         records, image_ids = all_gather_objects(self.records), sorted(set(all_gather_objects(self.image_ids)))
         if not image_ids:
             raise ZMaskError("no images were evaluated")
         if not records:
             return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "images": len(image_ids)}
         with contextlib.redirect_stdout(io.StringIO()) as printed:
-            detections = self.ground_truth.loadRes(records)
-            evaluation = COCOeval(self.ground_truth, detections, "bbox")
-            evaluation.params.imgIds = image_ids
-            evaluation.evaluate()
+            evaluation = self._evaluate(records, image_ids)
             evaluation.accumulate()
             evaluation.summarize()
         logger.debug("pycocotools on %d images, %d detections:\n%s", len(image_ids), len(records), printed.getvalue().rstrip())
         stats = evaluation.stats
         return {"map": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]), "images": len(image_ids)}
+
+    def _evaluate(self, records: list[dict[str, Any]], image_ids: list[int]):
+        from pycocotools.cocoeval import COCOeval
+
+        detections = self.ground_truth.loadRes(records)
+        evaluation = COCOeval(self.ground_truth, detections, "bbox")
+        evaluation.params.imgIds = image_ids
+        evaluation.evaluate()
+        return evaluation
+
+    def resampler(self) -> Resampler:
+        """AP of resampled images: COCOeval's per-image matches are computed once, and each
+        resample re-runs only its accumulation (area "all", the largest detection count), with
+        the per-image entries of a repeated image repeated."""
+        keys = dict(all_gather_objects(list(self.keys.items())))
+        records, image_ids = all_gather_objects(self.records), sorted(set(all_gather_objects(self.image_ids)))
+        if not keys and image_ids:
+            raise ZMaskError("no dataset indices were recorded: pass keys= to CocoEvaluator.update to resample images")
+        if not records:
+            return Resampler(sorted(keys), lambda selection: {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "images": len(selection)})
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation = self._evaluate(records, image_ids)
+        evaluated = evaluation._paramsEval
+        position = {image_id: i for i, image_id in enumerate(evaluated.imgIds)}
+        images, areas, categories = len(evaluated.imgIds), len(evaluated.areaRng), len(evaluated.catIds)
+        all_area = evaluated.areaRngLbl.index("all")
+        iou_50, iou_75 = (int(np.argmin(np.abs(evaluated.iouThrs - t))) for t in (0.5, 0.75))
+
+        def compute(selection: Sequence[int]) -> dict[str, float]:
+            try:
+                rows = [position[keys[int(k)]] for k in selection]
+            except KeyError as error:
+                raise ZMaskError(f"image {error.args[0]} was not evaluated") from None
+            resampled = copy.copy(evaluation)
+            params = copy.deepcopy(evaluated)
+            params.imgIds, params.areaRng, params.areaRngLbl = list(range(len(rows))), [evaluated.areaRng[all_area]], ["all"]
+            params.maxDets = [evaluated.maxDets[-1]]
+            resampled._paramsEval = params
+            resampled.evalImgs = [evaluation.evalImgs[(k * areas + all_area) * images + row] for k in range(categories) for row in rows]
+            with contextlib.redirect_stdout(io.StringIO()):
+                resampled.accumulate(copy.deepcopy(params))
+            precision = resampled.eval["precision"][:, :, :, 0, 0]  # IoU thresholds x recall x categories
+
+            def mean_ap(values: np.ndarray) -> float:
+                values = values[values > -1]
+                return float(values.mean()) if values.size else -1.0
+
+            return {"map": mean_ap(precision), "ap50": mean_ap(precision[iou_50]), "ap75": mean_ap(precision[iou_75]), "images": len(rows)}
+
+        return Resampler(sorted(keys), compute)
 
 
 @register_task
@@ -128,7 +181,7 @@ class DetectionTask:
             boxes = detections["boxes"].detach().cpu()
             detections["boxes"] = scale_boxes(boxes, geometry) if geometry is not None else boxes
             mapped.append(detections)
-        accumulator.update([target["image_id"] for target in batch["target"]], mapped)
+        accumulator.update([target["image_id"] for target in batch["target"]], mapped, keys=batch.get("index"))
 
     def render(self, axis: Any, image: torch.Tensor, output: dict[str, torch.Tensor], min_score: float = 0.25) -> None:
         from matplotlib.patches import Rectangle

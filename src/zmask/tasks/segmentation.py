@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contracts import WeightedTerm
-from ..distributed import all_reduce_sum
+from ..contracts import Resampler, WeightedTerm
+from ..distributed import all_gather_objects, all_reduce_sum
 from ..errors import InputError
 from .registry import register_task, stack_items
 
@@ -33,26 +33,43 @@ class ConfusionMatrix:
     ignore_index: int = 255
     ignore_prediction: int | None = None
     counts: torch.Tensor = field(init=False)
+    per_image: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.float64)
 
-    def update(self, prediction: torch.Tensor, label: torch.Tensor, ignore_mask: torch.Tensor | None = None) -> None:
-        """Add a batch: ``prediction`` and ``label`` (B x H x W integer maps), ``ignore_mask`` (B x H x W, True = skip)."""
+    def update(self, prediction: torch.Tensor, label: torch.Tensor, ignore_mask: torch.Tensor | None = None,
+               keys: Sequence[int] | None = None) -> None:
+        """Add a batch: ``prediction`` and ``label`` (B x H x W integer maps), ``ignore_mask`` (B x H x W, True = skip).
+
+        With ``keys`` (one dataset index per image) each image's counts are also kept, for
+        :meth:`compute_resampled`.
+        """
         if prediction.shape != label.shape:
             raise InputError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
+        if keys is not None and len(keys) != label.shape[0]:
+            raise InputError(f"{len(keys)} keys for a batch of {label.shape[0]} images")
         valid = (label >= 0) & (label < self.num_classes) & (label != self.ignore_index)
         if ignore_mask is not None:
             valid &= ~ignore_mask.bool().reshape(label.shape)
         if self.ignore_prediction is not None:
             valid &= prediction != self.ignore_prediction
-        prediction = prediction[valid].long().cpu()
-        prediction = torch.where((prediction >= 0) & (prediction < self.num_classes), prediction, self.num_classes)
-        index = label[valid].long().cpu() * (self.num_classes + 1) + prediction
-        self.counts += torch.bincount(index, minlength=self.counts.numel()).view_as(self.counts).double()
+        cells = self.counts.numel()
+        prediction = torch.where((prediction >= 0) & (prediction < self.num_classes), prediction.long(), self.num_classes)
+        index = label.long() * (self.num_classes + 1) + prediction
+        if keys is None:
+            self.counts += torch.bincount(index[valid].cpu(), minlength=cells).view_as(self.counts).double()
+            return
+        for key, image_index, image_valid in zip(keys, index, valid):
+            counts = torch.bincount(image_index[image_valid].cpu(), minlength=cells).view_as(self.counts).double()
+            self.counts += counts
+            key = int(key)
+            self.per_image[key] = self.per_image[key] + counts if key in self.per_image else counts
 
     def merge(self, other: ConfusionMatrix) -> None:
         self.counts += other.counts
+        for key, counts in other.per_image.items():
+            self.per_image[key] = self.per_image[key] + counts if key in self.per_image else counts.clone()
 
     def all_reduce(self) -> None:
         """Sum the counts across distributed ranks (in place)."""
@@ -61,7 +78,28 @@ class ConfusionMatrix:
     def compute(self) -> dict[str, float | list[float]]:
         """mIoU (mean over classes present in labels or predictions), pixel accuracy, per-class IoU,
         over the counts of every ``torch.distributed`` rank (the local counts are left as they are)."""
-        counts = all_reduce_sum(self.counts.clone())
+        return self.scores(all_reduce_sum(self.counts.clone()))
+
+    def resampler(self) -> Resampler:
+        """The metric of resampled images, from the per-image counts of every rank (``update(keys=...)``)."""
+        images = dict(all_gather_objects(list(self.per_image.items())))
+        if not images and self.counts.sum() > 0:
+            raise InputError("no per-image counts were kept: pass keys= to ConfusionMatrix.update to resample images")
+        keys = sorted(images)
+        stacked = torch.stack([images[k] for k in keys]) if keys else self.counts[None] * 0
+        position = {key: i for i, key in enumerate(keys)}
+
+        def compute(selection: Sequence[int]) -> dict[str, float | list[float]]:
+            try:
+                rows = torch.tensor([position[int(k)] for k in selection], dtype=torch.long)
+            except KeyError as error:
+                raise InputError(f"image {error.args[0]} was not evaluated") from None
+            return self.scores(stacked.index_select(0, rows).sum(0))
+
+        return Resampler(keys, compute)
+
+    def scores(self, counts: torch.Tensor) -> dict[str, float | list[float]]:
+        """mIoU, pixel accuracy and per-class IoU of a (true x predicted) count matrix."""
         true_positive = counts[:, : self.num_classes].diagonal()
         labelled = counts.sum(1)
         predicted = counts[:, : self.num_classes].sum(0)
@@ -162,7 +200,7 @@ class SegmentationTask:
         return ConfusionMatrix(self.num_classes, self.ignore_index, ignore_prediction if ignore_prediction is not None else self.ignore_prediction)
 
     def update_metric(self, accumulator: ConfusionMatrix, output: torch.Tensor, batch: Mapping[str, Any], patch_masks: torch.Tensor) -> None:
-        accumulator.update(self.predict(output).cpu(), batch["label"], ignore_mask=patch_masks[:, 0].cpu() > 0.5)
+        accumulator.update(self.predict(output).cpu(), batch["label"], ignore_mask=patch_masks[:, 0].cpu() > 0.5, keys=batch.get("index"))
 
     def render(self, axis: Any, image: torch.Tensor, output: torch.Tensor) -> None:
         axis.imshow(colorize(output.argmax(0) if output.dim() == 3 else output).numpy())
