@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
+
+from .errors import ConfigError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -38,3 +43,29 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
         dist.all_gather_object(gathered, items)
         return [item for part in gathered for item in part]
     return list(items)
+
+
+@contextlib.contextmanager
+def process_group_from_environment() -> Iterator[tuple[int, int]]:
+    """Join the process group a launcher such as ``torchrun`` describes in the environment
+    (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and leave it at the end; yields
+    (rank, world size). Single-process runs, and processes already in a group, are left as they are.
+
+    The backend is gloo: what zmask reduces across ranks are CPU tensors and Python objects
+    (metric counts, per-image scores), whatever device the model runs on.
+    """
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer (set by torchrun; unset it for a single process)") from None
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield rank_and_world()
+        return
+    if not dist.is_available():
+        raise ConfigError(f"WORLD_SIZE={world} asks for a distributed run, but this torch build has no torch.distributed")
+    dist.init_process_group("gloo")
+    try:
+        yield rank_and_world()
+    finally:
+        dist.destroy_process_group()

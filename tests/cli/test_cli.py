@@ -193,3 +193,9 @@ def test_defend_a_preset_without_profile_uses_the_shipped_one(capsys, workspace,
     assert record["threshold"] == pytest.approx(preset.profile_record.metrics["lambda0"], abs=1e-4)
     run_record = json.loads((out / "run.json").read_text())
     assert run_record["profile_sha256"] == sha256_of(preset.profile()) == preset.profile_record.sha256
+
+
+def test_fit_target_fpr_must_be_a_probability(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "espnet_camvid", "--patches", str(tmp_path / "p.png"), "--out", str(tmp_path / "p.safetensors"), "--target-fpr", "1.5"])
+    assert exit_info.value.code == 2 and "[0, 1]" in capsys.readouterr().err

@@ -156,3 +156,18 @@ def test_patched_batches_placements_stretch_a_small_split(toy_setup):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(three, again))
     with pytest.raises(ValueError, match="placements"):
         patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=0)
+
+
+def test_fit_plan_target_fpr_bounds_the_calibration_false_alarms(toy_setup):
+    import dataclasses
+
+    from zmask.evaluation import FitPlan, fit_zmask
+
+    model, _, dataset, patches = toy_setup
+    plan = FitPlan(statistics_images=3, fusion_images=3, calibration_images=2, batch_size=4, placements=4,
+                   fusion=FusionTraining(epochs=2, batch_size=4, learning_rate=0.05), target_fpr=0.0)
+    _, strict = fit_zmask(model, TOY_CONFIG, dataset, patches, plan, progress=False)
+    assert strict["calibration"]["criterion"] == "fpr<=0.0" and strict["calibration"]["false_positive_rate"] == 0.0
+    _, youden = fit_zmask(model, TOY_CONFIG, dataset, patches, dataclasses.replace(plan, target_fpr=None), progress=False)
+    assert youden["calibration"]["criterion"] == "youden"
+    assert youden["threshold"] <= strict["threshold"]

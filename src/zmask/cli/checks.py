@@ -50,6 +50,17 @@ def finite_float(text: str) -> float:
 
 finite_float.__name__ = "a finite number"
 
+
+def probability(text: str) -> float:
+    """An ``argparse`` type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+probability.__name__ = "a number in [0, 1]"
+
 # Bounds of the count options: generous, but finite, so that a typo cannot ask for years of work.
 MAX_IMAGES = 1_000_000
 MAX_THREADS = 1024

@@ -206,7 +206,7 @@ def run_fit(args: argparse.Namespace) -> int:
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
-                   seed=args.seed)
+                   seed=args.seed, target_fpr=args.target_fpr)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
@@ -378,10 +378,18 @@ def _named_patches(entries: list[str], flag: str) -> list[tuple[str, torch.Tenso
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` each rank evaluates its share of the images; rank 0 writes the report."""
+    from ..distributed import process_group_from_environment
+
+    with process_group_from_environment() as (rank, _):
+        return _evaluate(args, primary=rank == 0)
+
+
+def _evaluate(args: argparse.Namespace, primary: bool) -> int:
     from ..attacks import random_noise_patch
     from ..data.cache import CachedDataset
     from ..defense import ZMask
-    from ..evaluation import ExperimentSpec, build_defenses, run_experiments
+    from ..evaluation import BootstrapConfig, ExperimentSpec, build_defenses, run_experiments
 
     preset = _model_preset(args, args.profile)
     profile = _profile_for(args, preset)
@@ -397,17 +405,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise UsageError(f"--alpha-patch expects ATTACK:ALPHA=PNG, got {key!r}")
         attack, value = key.split(":", 1)
         alpha[(attack, float(value))] = patch
+    progress = primary and not args.no_progress
     dataset = CachedDataset(preset.dataset(args.split, args.limit, args.data))
     train = CachedDataset(preset.dataset(preset.train_split, args.train_images, args.data))
     adversarial = [p for name, p in patches.items() if not name.startswith("random")] + list(beta.values())
-    masking, detectors = build_defenses(model, zmask, train, adversarial, args.defenses, args.seed, not args.no_progress)
+    masking, detectors = build_defenses(model, zmask, train, adversarial, args.defenses, args.seed, progress)
     task = preset.task_for(model, args.split, args.data)
-    spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size)
+    spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size,
+                          bootstrap=BootstrapConfig(args.bootstrap, seed=args.seed))
     out = Path(args.out)
-    write_run_record(out, args, _profile_record(profile))
-    results = run_experiments(task, dataset, zmask, spec, masking, detectors, out, vars(args), progress=not args.no_progress)
-    summary = (out / "summary.md").read_text()
-    _print(args, summary + f"\nreport written to {out}", {"out": str(out), "results": results})
+    if primary:
+        write_run_record(out, args, _profile_record(profile))
+    results = run_experiments(task, dataset, zmask, spec, masking, detectors, out, vars(args), progress=progress)
+    if primary:
+        summary = (out / "summary.md").read_text()
+        _print(args, summary + f"\nreport written to {out}", {"out": str(out), "results": results})
     return 0
 
 

@@ -11,9 +11,10 @@ from .._version import __version__
 from ..attacks import ADAPTIVE_OBJECTIVES
 from ..errors import UsageError
 from ..evaluation import DEFENSES
+from ..evaluation.uncertainty import MAX_RESAMPLES
 from ..tasks import TASKS
 from .checks import (MAX_BATCH, MAX_EPOCHS, MAX_FRAMES, MAX_IMAGES, MAX_PLACEMENTS, MAX_REPEATS, MAX_SEED, MAX_SIDE, MAX_STEPS,
-                     MAX_THREADS, bounded_int, finite_float, positive_int)
+                     MAX_THREADS, bounded_int, finite_float, positive_int, probability)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 DATA_HELP = ("dataset folder (default: the preset's dataset from the assets); for a module:factory model, segmentation: "
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--calibration-images", type=positive_int(MAX_IMAGES), default=80, help="images (clean or patched) that choose lambda0 by ROC (default 80)")
     fit.add_argument("--placements", type=positive_int(MAX_PLACEMENTS), default=1,
                      help="draws per fusion / calibration image (clean or patched at a fresh place); > 1 stretches a small split")
+    fit.add_argument("--target-fpr", type=probability, metavar="FPR",
+                     help="choose lambda0 as the threshold with the highest TPR whose false-positive rate on the clean "
+                          "calibration images is at most FPR (default: Youden's J, the paper's max TPR - FPR)")
     fit.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=40, help="fusion block training epochs (default 40; at least 300 optimiser steps are taken)")
 
     defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help=DATA_HELP)
     evaluate.add_argument("--batch-size", type=positive_int(MAX_BATCH), default=4, help="images per forward pass (default 4)")
     evaluate.add_argument("--train-images", type=positive_int(MAX_IMAGES), default=80, help="training images for MaskNet and HN/FPDA")
+    evaluate.add_argument("--bootstrap", type=bounded_int(0, MAX_RESAMPLES), default=500,
+                          help="bootstrap resamples of the images for the confidence intervals (default 500; 0: none)")
     _add_user_model(evaluate, layers=False)
 
     bench = command("bench", "performance figures: SPR speed-up, defense overhead, images per second")

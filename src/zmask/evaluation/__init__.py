@@ -8,10 +8,11 @@ from .experiments import ExperimentSpec, run_experiments
 from .fitting import FitPlan, fit_zmask, layer_separability, patched_batches
 from ..core.capture import deepest_layer
 from .lineup import build_defenses, fit_context
-from .runner import PatchSetting, evaluate, first_output, place_patches
+from .runner import DefenseMetrics, PatchSetting, evaluate, first_output, place_patches
+from .uncertainty import Bootstrap, BootstrapConfig
 
 __all__ = [
-    "DEFENSES", "CoverageDefense", "CoverageScore", "DefenseResult", "ExperimentSpec", "FitContext", "FitPlan", "HyperNeuronDefense",
+    "DEFENSES", "Bootstrap", "BootstrapConfig", "CoverageDefense", "DefenseMetrics", "CoverageScore", "DefenseResult", "ExperimentSpec", "FitContext", "FitPlan", "HyperNeuronDefense",
     "HyperNeuronScore", "LGSConfig", "LGSDefense", "MaskNet", "MaskNetDefense", "NoDefense", "PatchSetting", "ScoreDefense", "ZMaskDefense",
     "build_defenses", "deepest_layer", "evaluate", "first_output", "fit_context", "fit_zmask", "layer_separability", "local_gradient_smoothing",
     "patched_batches", "place_patches", "report_rows", "run_experiments", "train_masknet",

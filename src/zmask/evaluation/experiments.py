@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .._version import __version__
 from ..contracts import Defense, Task
 from ..defense import ZMask
+from ..distributed import rank_and_world
 from .defenses import NoDefense, ZMaskDefense, report_rows
 from .report import examples_figure, fmt, fmt_interval, markdown_table, roc_figure, sweep_figure, write_json
 from .runner import DefenseMetrics, PatchSetting, evaluate, place_patches
@@ -77,9 +78,15 @@ def run_experiments(
     task: Task, dataset: Dataset, zmask: ZMask, spec: ExperimentSpec, masking_defenses: Sequence[Defense], detectors: Sequence[Defense],
     output: str | Path, configuration: dict[str, Any] | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Run everything in ``spec`` and write ``results.json``, ``summary.md`` and figures into ``output``."""
+    """Run everything in ``spec`` and write ``results.json``, ``summary.md`` and figures into ``output``.
+
+    Under ``torch.distributed`` every rank evaluates its shard of ``dataset`` and computes the
+    same results; rank 0 alone writes the files."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    rank, world = rank_and_world()
+    primary = rank == 0  # under torch.distributed every rank evaluates its shard, rank 0 writes
+    if primary:
+        output.mkdir(parents=True, exist_ok=True)
     started = time.time()
     key = task.metric_key
     # Defenses that run a forward pass of their own; the others observe one (``report_rows``).
@@ -120,7 +127,7 @@ def run_experiments(
                        "clean_flag_rate_ci": results["masking"]["no patch"].get(ZMaskDefense.name, {}).get("flag_rate_ci"),
                        "tpr": {s: row.get(ZMaskDefense.name, {}).get("tpr") for s, row in detection.items()}},
     }
-    if spec.patches:
+    if spec.patches and primary:
         last = list(spec.patches)[-1]
         roc_figure(output / "roc.png", {d: (clean_scores[d], table[last][d].scores) for d in clean_scores}, f"clean vs {last}")
     # Fig. 7: detection AUC and task metric against beta.
@@ -132,29 +139,32 @@ def run_experiments(
                          "auc_ci": boot.auc_interval(table["no patch"][d].scores, m.scores) if d in clean_scores else None}
                      for d, m in sweep[f"beta={b}"].items()} for b in betas
         }
-        sweep_figure(output / "beta_auc.png", betas, {d: [results["beta_sweep"][str(b)][d]["auc"] for b in betas] for d in clean_scores},
-                     "beta", "ROC AUC (clean vs patched)", "detection vs beta")
-        sweep_figure(output / "beta_metric.png", betas, {d.name: [results["beta_sweep"][str(b)][d.name][key] for b in betas] for d in masking_defenses},
-                     "beta", key, f"{key} vs beta")
+        if primary:
+            sweep_figure(output / "beta_auc.png", betas, {d: [results["beta_sweep"][str(b)][d]["auc"] for b in betas] for d in clean_scores},
+                         "beta", "ROC AUC (clean vs patched)", "detection vs beta")
+            sweep_figure(output / "beta_metric.png", betas, {d.name: [results["beta_sweep"][str(b)][d.name][key] for b in betas] for d in masking_defenses},
+                         "beta", key, f"{key} vs beta")
     # Fig. 9: defense-aware attacks against alpha.
     if spec.alpha_patches:
         alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
         sweep = cache.run(alpha_settings, [d for d in all_defenses if d.masks])
         results["alpha_sweep"] = {s: {d: _with_intervals(m, key, boot) for d, m in row.items()} for s, row in sweep.items()}
-        for attack in sorted({a for a, _ in spec.alpha_patches}):
-            alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
-            rows = [results["alpha_sweep"][f"{attack} alpha={alpha}"] for alpha in alphas]
-            series = {f"{d} {key}": [row[d][key] for row in rows] for d in rows[0] if key in rows[0][d]}
-            series["zmask TPR"] = [row["zmask"].get("flag_rate", float("nan")) for row in rows]
-            sweep_figure(output / f"alpha_{attack}.png", alphas, series, "alpha", f"{key} / TPR", f"{attack}-attack vs alpha")
+        if primary:
+            for attack in sorted({a for a, _ in spec.alpha_patches}):
+                alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
+                rows = [results["alpha_sweep"][f"{attack} alpha={alpha}"] for alpha in alphas]
+                series = {f"{d} {key}": [row[d][key] for row in rows] for d in rows[0] if key in rows[0][d]}
+                series["zmask TPR"] = [row["zmask"].get("flag_rate", float("nan")) for row in rows]
+                sweep_figure(output / f"alpha_{attack}.png", alphas, series, "alpha", f"{key} / TPR", f"{attack}-attack vs alpha")
     # Fig. 6: clean / attacked / attacked + defended examples.
-    if spec.examples and spec.patches:
+    if spec.examples and spec.patches and primary:
         examples_figure(output / "examples.png", _examples(dataset, zmask, spec), task)
     results["seconds"] = time.time() - started
     meta = {"zmask_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "seed": spec.seed, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.threshold}
-    write_json(output / "results.json", {"meta": meta, "results": results})
-    (output / "summary.md").write_text(summary_markdown(results, meta))
+            "seed": spec.seed, "world_size": world, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.threshold}
+    if primary:
+        write_json(output / "results.json", {"meta": meta, "results": results})
+        (output / "summary.md").write_text(summary_markdown(results, meta))
     return results
 
 

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 class FitPlan:
     """How the training split is divided: statistics images, fusion images, calibration images.
     ``placements``: how many times each fusion / calibration image is drawn (clean or with a patch
-    at a fresh random place); above 1 it stretches a small training split."""
+    at a fresh random place); above 1 it stretches a small training split. ``target_fpr``: choose
+    lambda0 for at most this false-positive rate on the clean calibration images (None: Youden's J)."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -37,6 +38,7 @@ class FitPlan:
     fusion: FusionTraining = FusionTraining(epochs=40, batch_size=15, learning_rate=0.01, min_steps=300)
     eot: EOTConfig = EOTConfig(scale=(0.8, 1.2), noise_std=0.0, contrast=0.0, quantize=True)
     seed: int = 0
+    target_fpr: float | None = None
 
 
 def _split(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
@@ -84,7 +86,7 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements)
     history = defense.fit_fusion(fusion_data, plan.fusion, progress=progress)
     calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2, placements=plan.placements)
-    calibration = defense.calibrate(calibration_data, progress=progress)
+    calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress)
     report = {
         "statistics_images": len(statistics_set), "fusion_images": len(fusion_set), "calibration_images": len(calibration_set),
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
