@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zmask import FusionTraining, ZMask
+from zmask.attacks import PhysicalConditions
 from zmask.errors import ZMaskError
 from zmask.evaluation import (CoverageScore, ExperimentSpec, HyperNeuronScore, LGSDefense, MaskNet, NoDefense, ScoreDefense, ZMaskDefense,
                               build_defenses, local_gradient_smoothing, run_experiments, train_masknet)
@@ -110,18 +111,19 @@ def _run(toy_setup, output, monkeypatch=None):
     masking = [ZMaskDefense(defense), LGSDefense(model), NoDefense(model, [ScoreDefense("hn", model, hn, threshold=0.5)])]
     detectors = [masking[0], masking[2].observers[0]]
     spec = ExperimentSpec("toy", {"L": patches[0]}, {0.5: patches[1], 1.0: patches[0]}, {("mask", 1.0): patches[0], ("mask", 0.0): patches[1]},
-                          seed=3, batch_size=4, examples=1)
+                          seed=3, batch_size=4, examples=1, physical=PhysicalConditions())
     results = run_experiments(SegmentationTask(model, 3, 255), dataset, defense, spec, masking, detectors, output, progress=False)
     return results, calls
 
 
 def test_experiments_report_reuse_and_reproducibility(toy_setup, tmp_path, monkeypatch):
     results, calls = _run(toy_setup, tmp_path / "a", monkeypatch)
-    assert sum(len(c) for c in calls) == 3  # no patch, patch 0, patch 1: each evaluated once
+    assert sum(len(c) for c in calls) == 4  # no patch, patch 0, patch 0 physical, patch 1: each evaluated once
     assert results["masking"]["no patch"]["none"]["miou"] == pytest.approx(1.0)
     assert results["beta_sweep"]["1.0"]["zmask"]["miou"] == results["masking"]["L"]["zmask"]["miou"]
     assert results["alpha_sweep"]["mask alpha=1.0"]["zmask"] == results["masking"]["L"]["zmask"]
-    assert set(results["detection"]["L"]) == {"zmask", "hn"}
+    assert set(results["detection"]["L"]) == {"zmask", "hn"} and set(results["detection"]["L physical"]) == {"zmask", "hn"}
+    assert results["masking"]["L physical"]["zmask"]["mask_iou"] != results["masking"]["L"]["zmask"]["mask_iou"]
     for name in ("results.json", "summary.md", "roc.png", "beta_auc.png", "beta_metric.png", "alpha_mask.png", "examples.png"):
         assert (tmp_path / "a" / name).is_file(), name
     summary = (tmp_path / "a" / "summary.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,9 @@ class PatchedBatch:
     boxes: torch.Tensor
 
 
+PatchTransform = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
 def check_patch(patch: torch.Tensor, channels: int = 3) -> torch.Tensor:
     if not isinstance(patch, torch.Tensor) or patch.dim() != 3:
         raise ZMaskError(f"a patch must be a C x h x w tensor, got {getattr(patch, 'shape', type(patch).__name__)}")
@@ -61,8 +65,13 @@ def apply_patch(
     eot: EOTConfig = EOTConfig(),
     position: tuple[int, int] | None = None,
     allow_border: bool = False,
+    transform: PatchTransform | None = None,
 ) -> PatchedBatch:
     """Paste ``patch`` (C x h x w in [0, 1]) into every image of ``images`` (B x C x H x W).
+
+    ``transform(piece, footprint, generator) -> (piece, footprint)`` changes the scaled patch and
+    its footprint before it is pasted (e.g. :class:`zmask.attacks.PhysicalConditions`); the
+    returned footprint is the true patch mask.
 
     ``position``: fixed top-left corner (row, col) of the scaled patch; otherwise uniform at random
     such that it lies inside the image. With ``allow_border`` a random corner may put part of the
@@ -80,6 +89,8 @@ def apply_patch(
         footprint = torch.ones(1, size_h, size_w, dtype=piece.dtype, device=piece.device)
         if eot.rotation_degrees:
             piece, footprint = _rotate(piece, footprint, _uniform((-eot.rotation_degrees, eot.rotation_degrees), generator))
+        if transform is not None:
+            piece, footprint = transform(piece, footprint, generator)
         top, left = position if position is not None else _random_corner(height, width, size_h, size_w, allow_border, generator)
         if position is not None and not allow_border and (top < 0 or left < 0 or top + size_h > height or left + size_w > width):
             raise ZMaskError(f"a {size_h}x{size_w} patch at {position} does not fit in a {height}x{width} image")

@@ -386,7 +386,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, primary: bool) -> int:
-    from ..attacks import random_noise_patch
+    from ..attacks import PhysicalConditions, random_noise_patch
     from ..data.cache import CachedDataset
     from ..defense import ZMask
     from ..evaluation import BootstrapConfig, ExperimentSpec, build_defenses, run_experiments
@@ -412,7 +412,7 @@ def _evaluate(args: argparse.Namespace, primary: bool) -> int:
     masking, detectors = build_defenses(model, zmask, train, adversarial, args.defenses, args.seed, progress)
     task = preset.task_for(model, args.split, args.data)
     spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size,
-                          bootstrap=BootstrapConfig(args.bootstrap, seed=args.seed))
+                          bootstrap=BootstrapConfig(args.bootstrap, seed=args.seed), physical=PhysicalConditions() if args.physical else None)
     out = Path(args.out)
     if primary:
         write_run_record(out, args, _profile_record(profile))

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--beta-patch", action="append", default=[], metavar="BETA=PNG", help="a patch of the beta sweep (repeatable)")
     evaluate.add_argument("--alpha-patch", action="append", default=[], metavar="ATTACK:ALPHA=PNG", help="a defense-aware patch (repeatable)")
     evaluate.add_argument("--random-noise", action="store_true", help="add a random-noise patch of the L size")
+    evaluate.add_argument("--physical", action="store_true",
+                          help="also evaluate every --patch seen through physical conditions (print gamut and tone curve, light, "
+                               "perspective, blur, JPEG): rows 'NAME physical'")
     evaluate.add_argument("--allow-other-weights", action="store_true", help=ALLOW_OTHER_WEIGHTS_HELP)
     evaluate.add_argument("--defenses", nargs="+", default=DEFENSES.names(),
                           help=f"registered defenses to compare (default: all of {', '.join(DEFENSES.names())})")

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._version import __version__
+from ..attacks import PhysicalConditions
 from ..contracts import Defense, Task
 from ..defense import ZMask
 from ..distributed import rank_and_world
@@ -28,7 +29,8 @@ from .uncertainty import Bootstrap, BootstrapConfig, recovery
 class ExperimentSpec:
     """What to run. ``patches``: name -> patch for the masking table (e.g. S, M, L, random L);
     ``beta_patches``: beta -> patch; ``alpha_patches``: (attack, alpha) -> patch; ``bootstrap``: the
-    confidence intervals (over images) attached to every number (``*_ci`` entries)."""
+    confidence intervals (over images) attached to every number (``*_ci`` entries); ``physical``:
+    also evaluate each patch of ``patches`` seen through these conditions (rows "NAME physical")."""
 
     name: str
     patches: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -38,6 +40,7 @@ class ExperimentSpec:
     batch_size: int = 4
     examples: int = 2
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    physical: PhysicalConditions | None = None
 
 
 def _auc(clean: list[float], patched: list[float]) -> float | None:
@@ -60,7 +63,8 @@ class _SettingCache:
     def _key(setting: PatchSetting) -> str:
         if setting.patch is None:
             return "no patch"
-        return hashlib.sha256(setting.patch.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(setting.patch.shape))
+        digest = hashlib.sha256(setting.patch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return digest + str(tuple(setting.patch.shape)) + (repr(setting.physical) if setting.physical is not None else "")
 
     def run(self, settings: Sequence[PatchSetting], defenses: Sequence[Defense]) -> dict[str, dict[str, Any]]:
         """metrics[setting][row] for every row the defenses produce (their own and their observers')."""
@@ -98,6 +102,8 @@ def run_experiments(
     }
     # Table 1: task metric under each patch setting, for each masking defense.
     settings = [PatchSetting("no patch")] + [PatchSetting(name, patch) for name, patch in spec.patches.items()]
+    if spec.physical is not None:
+        settings += [PatchSetting(f"{name} physical", patch, spec.physical) for name, patch in spec.patches.items()]
     cache = _SettingCache(task, dataset, spec, progress)
     table = cache.run(settings, all_defenses)
     boot = Bootstrap(next(iter(table["no patch"].values())).indices, spec.bootstrap)
@@ -108,7 +114,7 @@ def run_experiments(
     # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
     clean_scores = {d: m.scores for d, m in table["no patch"].items() if m.scores}
     detection = {}
-    for setting in list(spec.patches):
+    for setting in [s.name for s in settings[1:]]:
         detection[setting] = {}
         for name, metrics in table[setting].items():
             if name in clean_scores:

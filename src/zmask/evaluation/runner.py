@@ -15,17 +15,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..attacks import EOTConfig, apply_patch
+from ..attacks import EOTConfig, PhysicalConditions, apply_patch
 from ..contracts import Defense, Task
 from ..distributed import all_gather_objects, shard
 
 
 @dataclass
 class PatchSetting:
-    """A named attack condition: no patch (``patch=None``) or a patch placed at random positions."""
+    """A named attack condition: no patch (``patch=None``) or a patch placed at random positions,
+    optionally seen through ``physical`` conditions (print, light, view, blur, JPEG)."""
 
     name: str
     patch: torch.Tensor | None = None
+    physical: PhysicalConditions | None = None
 
 
 @dataclass
@@ -74,12 +76,14 @@ class _Indexed(Dataset):
         return {**self.dataset[index], "index": index}
 
 
-def place_patches(images: torch.Tensor, patch: torch.Tensor, indices: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste the (8-bit, unscaled) patch at a random position per image, seeded by (seed, index)."""
+def place_patches(images: torch.Tensor, patch: torch.Tensor, indices: Sequence[int], seed: int,
+                  physical: PhysicalConditions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste the (8-bit, unscaled) patch at a random position per image, seeded by (seed, index);
+    with ``physical`` its appearance and footprint are drawn from those conditions first."""
     patched, masks = [], []
     for image, index in zip(images, indices):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
-        placed = apply_patch(image[None], patch, generator, EOTConfig.none())
+        placed = apply_patch(image[None], patch, generator, EOTConfig.none(), transform=physical)
         patched.append(placed.images[0])
         masks.append(placed.masks[0])
     return torch.stack(patched), torch.stack(masks)
@@ -110,7 +114,7 @@ def evaluate(
         for batch in tqdm(loader, desc=setting.name, disable=not progress):
             images = batch["image"]
             if setting.patch is not None:
-                images, masks = place_patches(images, setting.patch, batch["index"], seed)
+                images, masks = place_patches(images, setting.patch, batch["index"], seed, setting.physical)
             else:
                 masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
             indices = [int(i) for i in batch["index"]]
