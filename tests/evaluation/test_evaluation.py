@@ -173,3 +173,22 @@ def test_fit_plan_target_fpr_bounds_the_calibration_false_alarms(toy_setup):
     _, youden = fit_zmask(model, TOY_CONFIG, dataset, patches, dataclasses.replace(plan, target_fpr=None), progress=False)
     assert youden["calibration"]["criterion"] == "youden"
     assert youden["threshold"] <= strict["threshold"]
+
+
+def test_hard_negatives_are_occluded_clean_samples_with_empty_masks(toy_setup):
+    from zmask.evaluation import FitPlan, patched_batches
+
+    _, _, dataset, patches = toy_setup
+    plain = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=2)
+    hard = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=2, hard_negatives=1.0)
+    originals = torch.stack([item["image"] for item in dataset] * 2)
+    images, masks = torch.cat([b[0] for b in hard]), torch.cat([b[1] for b in hard])
+    clean = masks.flatten(1).amax(1) == 0
+    assert 0 < clean.sum() < len(clean)
+    changed = (images - originals).abs().flatten(1).amax(1) > 0
+    assert changed[clean].all()  # every clean sample carries an occluder, still labelled "no patch"
+    # the paper's setting (no hard negatives) is untouched by the option's existence
+    again = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=2, hard_negatives=0.0)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, again))
+    with pytest.raises(ZMaskError, match="hard_negatives"):
+        patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, hard_negatives=1.5)

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-fpr", type=probability, metavar="FPR",
                      help="choose lambda0 as the threshold with the highest TPR whose false-positive rate on the clean "
                           "calibration images is at most FPR (default: Youden's J, the paper's max TPR - FPR)")
+    fit.add_argument("--hard-negatives", type=probability, default=0.0, metavar="SHARE",
+                     help="share of the clean fusion and calibration samples that carry a harmless occluder (random noise or a crop "
+                          "of another image) labelled 'no patch', so the flag means adversarial rather than unusual (default 0: the paper)")
     fit.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=40, help="fusion block training epochs (default 40; at least 300 optimiser steps are taken)")
 
     defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "
