@@ -79,6 +79,7 @@ class ZMask(nn.Module):
         self.extreme_threshold: float | None = None
         self.extreme_calibration: Calibration | None = None
         self.fit_input_size: tuple[int, int] | None = None
+        self.provenance: dict[str, Any] | None = None  # saved with the profile: how it was fitted (JSON-able)
         self._refiner = LayerRefiner(config)
         self._clone_activations = False  # set once a forward pass is seen to change a read layer in place
         self._device_statistics: dict[str, dict[str, LayerStatistics]] = {}
@@ -272,7 +273,7 @@ class ZMask(nn.Module):
         extreme_calibration = self.extreme_calibration.__dict__ if self.extreme_calibration is not None else None
         return Profile(self.config, self.statistics, self.fusion.values(), self.threshold, calibration, self.fit_input_size,
                        type(self.model).__name__, weights_fingerprints(self.model), self.extremes, self.extreme_threshold,
-                       extreme_calibration)
+                       extreme_calibration, self.provenance)
 
     def save(self, path: str | Path) -> Path:
         """Write the profile (configuration, statistics, fusion parameters, lambda0, a fingerprint of
@@ -301,6 +302,7 @@ class ZMask(nn.Module):
         fusion.load_values(profile.fusion)
         defense = cls(model, profile.config, statistics=profile.statistics, fusion=fusion, threshold=profile.threshold, **kwargs)
         defense.fit_input_size = profile.input_size
+        defense.provenance = profile.provenance
         defense.extremes, defense.extreme_threshold = profile.extremes, profile.extreme_threshold
         if profile.extreme_calibration is not None:
             defense.extreme_calibration = Calibration(**profile.extreme_calibration)

@@ -199,3 +199,11 @@ def test_fit_target_fpr_must_be_a_probability(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--model", "espnet_camvid", "--patches", str(tmp_path / "p.png"), "--out", str(tmp_path / "p.safetensors"), "--target-fpr", "1.5"])
     assert exit_info.value.code == 2 and "[0, 1]" in capsys.readouterr().err
+
+
+def test_fit_layer_options_are_checked_before_any_work(capsys, tmp_path):
+    base = ["fit", "--model", "espnet_camvid", "--patches", str(tmp_path / "p.png"), "--out", str(tmp_path / "p.safetensors")]
+    code, _, err = run(capsys, *base, "--layer-candidates", "net.encoder.b1")
+    assert code == 2 and "--layers auto" in err
+    code, _, err = run(capsys, *base, "--layers", "auto", "--shallow", "net.encoder.b1")
+    assert code == 2 and "leave out --shallow" in err

@@ -101,3 +101,21 @@ def test_profile_for_another_model(saved):
 def test_saving_requires_statistics(tmp_path):
     with pytest.raises(ProfileError, match="fit_statistics"):
         ZMask(seeded_toy(), TOY_CONFIG).save(tmp_path / "empty.safetensors")
+
+
+def test_provenance_round_trip_and_schema(saved, tmp_path):
+    from safetensors.torch import load_file, safe_open, save_file
+
+    defense, _ = saved
+    defense.provenance = {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]}, "hard_negatives": 0.5}
+    path = defense.save(tmp_path / "with_provenance.safetensors")
+    defense.provenance = None
+    assert ZMask.load(path, defense.model).provenance == {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]},
+                                                          "hard_negatives": 0.5}
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    for bad, problem in (("[1, 2]", "JSON object"), ("{", "not valid JSON"), (json.dumps({"x": "y" * 300_000}), "longer than")):
+        target = tmp_path / "bad.safetensors"
+        save_file(load_file(str(path)), str(target), metadata={**metadata, "provenance": bad})
+        with pytest.raises(ProfileError, match=f"provenance.*{problem}"):
+            ZMask.load(target, defense.model)

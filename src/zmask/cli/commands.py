@@ -194,6 +194,10 @@ def run_fit(args: argparse.Namespace) -> int:
     from ..data.cache import CachedDataset
     from ..evaluation import FitPlan, fit_zmask
 
+    if args.layer_candidates and args.layers != "auto":
+        raise UsageError("--layer-candidates needs --layers auto")
+    if args.layers == "auto" and (args.shallow or args.deep):
+        raise UsageError("--layers auto chooses S and D: leave out --shallow and --deep")
     preset = _model_preset(args)
     overrides = {}
     if args.shallow:
@@ -206,7 +210,8 @@ def run_fit(args: argparse.Namespace) -> int:
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
-                   seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives)
+                   seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto",
+                   layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
@@ -214,6 +219,12 @@ def run_fit(args: argparse.Namespace) -> int:
     path = defense.save(args.out)
     write_run_record(Path(str(path) + ".run"), args, {"report": report})
     calibration = report["calibration"]
+    if "layer_selection" in report:
+        from ..evaluation import LayerSelection
+
+        selection = LayerSelection.from_dict(report["layer_selection"])
+        if not args.json:
+            print(f"layers chosen on the training images: S = {', '.join(selection.shallow)}; D = {', '.join(selection.deep)}\n{selection.table()}")
     _print(args, f"wrote profile {path}: lambda0 = {report['threshold']:.4f} (calibration AUC {calibration['auc']:.3f}, "
                  f"TPR {calibration['true_positive_rate']:.3f}, FPR {calibration['false_positive_rate']:.3f})", {"profile": str(path), **report})
     return 0

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--hard-negatives", type=probability, default=0.0, metavar="SHARE",
                      help="share of the clean fusion and calibration samples that carry a harmless occluder (random noise or a crop "
                           "of another image) labelled 'no patch', so the flag means adversarial rather than unusual (default 0: the paper)")
+    fit.add_argument("--layers", choices=["auto"],
+                     help="auto: choose S and D on the training images (separability, localisation, cost of every candidate "
+                          "layer down to 1/8 resolution); the evidence goes into the profile")
+    fit.add_argument("--layer-candidates", nargs="+", metavar="LAYER", help="with --layers auto: the layers to choose among")
     fit.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=40, help="fusion block training epochs (default 40; at least 300 optimiser steps are taken)")
 
     defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "

@@ -51,6 +51,7 @@ MAX_LAYER_CHANNELS = 1 << 16
 MAX_STATISTIC = 1e8  # |mu| and sigma; larger values overflow float32 heatmaps
 EXTREME_KINDS = ("mean", "std", "upper")  # the tensors of a layer's channel-extreme statistics
 MAX_TEXT = 256  # characters of model_class / zmask_version
+MAX_PROVENANCE = 256 * 1024  # characters of the provenance record (how the profile was fitted)
 # Reduced precisions a fitted model is commonly cast to: the fingerprint is recorded for each, so
 # that a profile fitted in float32 still recognises its model after ``model.to(torch.bfloat16)``.
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,6 +83,7 @@ class Profile:
     extremes: dict[str, LayerExtremes] | None = None  # channel-maxima statistics of config.extreme_layers
     extreme_threshold: float | None = None
     extreme_calibration: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None  # how it was fitted: data sizes, options, layer-selection evidence (JSON)
 
     @property
     def layers(self) -> dict[str, int]:
@@ -114,6 +116,8 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
     }
     if profile.weights_sha256 is not None:
         metadata["weights_sha256"] = json.dumps(profile.weights_sha256)
+    if profile.provenance is not None:
+        metadata["provenance"] = json.dumps(profile.provenance)
     if profile.extremes:
         metadata["extreme_threshold"] = json.dumps(profile.extreme_threshold)
         metadata["extreme_calibration"] = json.dumps(profile.extreme_calibration)
@@ -224,7 +228,15 @@ class _ProfileSchema:
         extreme_threshold = self.json_field("extreme_threshold", required=False)
         extreme_threshold = None if extreme_threshold is None else self.number(extreme_threshold, "extreme_threshold")
         return Profile(config, statistics, fusion, threshold, self.calibration(), input_size, self.text("model_class"),
-                       self.weights(), extremes, extreme_threshold, self.calibration("extreme_calibration"))
+                       self.weights(), extremes, extreme_threshold, self.calibration("extreme_calibration"), self.provenance())
+
+    def provenance(self) -> dict[str, Any] | None:
+        if len(self.metadata.get("provenance", "")) > MAX_PROVENANCE:
+            raise self.fail("provenance", f"is longer than {MAX_PROVENANCE} characters")
+        value = self.json_field("provenance", required=False)
+        if value is not None and not isinstance(value, dict):
+            raise self.fail("provenance", f"must be a JSON object, got {_short(value)}")
+        return value
 
     def config(self) -> ZMaskConfig:
         data = self.json_field("config")

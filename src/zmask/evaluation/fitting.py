@@ -9,16 +9,13 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
 from ..attacks import EOTConfig, apply_patch
 from ..config import ZMaskConfig
-from ..core.capture import ActivationCapture
 from ..core.fusion import FusionTraining
-from ..core.refinement import LayerRefiner
-from ..core.statistics import resize_nearest
 from ..defense import ZMask
 from ..errors import ConfigError
+from .layer_selection import select_layers
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +27,10 @@ class FitPlan:
     at a fresh random place); above 1 it stretches a small training split. ``target_fpr``: choose
     lambda0 for at most this false-positive rate on the clean calibration images (None: Youden's J).
     ``hard_negatives``: share of the clean fusion and calibration samples that carry a harmless
-    occluder (noise or a crop of another image) labelled "no patch" (:func:`patched_batches`)."""
+    occluder (noise or a crop of another image) labelled "no patch" (:func:`patched_batches`).
+    ``auto_layers``: choose S and D first (:func:`~zmask.evaluation.layer_selection.select_layers`)
+    among ``layer_candidates`` (None: the model's modules down to 1/8 resolution), on up to
+    ``selection_images`` statistics images (clean) and fusion images (patched)."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -42,6 +42,9 @@ class FitPlan:
     seed: int = 0
     target_fpr: float | None = None
     hard_negatives: float = 0.0
+    auto_layers: bool = False
+    layer_candidates: tuple[str, ...] | None = None
+    selection_images: int = 40
 
 
 def _split(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
@@ -106,6 +109,14 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
               plan: FitPlan = FitPlan(), progress: bool = True) -> tuple[ZMask, dict[str, Any]]:
     """Statistics on clean training images, fusion on patched ones, lambda0 by ROC on a third share."""
     statistics_set, fusion_set, calibration_set = _split(dataset, plan)
+    selection = None
+    if plan.auto_layers:
+        count = min(plan.selection_images, len(statistics_set), len(fusion_set))
+        patched = patched_batches(Subset(fusion_set, range(count)), patches, plan.batch_size, plan.eot, plan.seed + 3, clean_share=0.0)
+        selection = select_layers(model, config, Subset(statistics_set, range(count)), patched, plan.layer_candidates,
+                                  batch_size=plan.batch_size, progress=progress)
+        config = config.replace(shallow_layers=selection.shallow, deep_layers=selection.deep)
+        logger.info("chose S = %s and D = %s among %d candidate layers", selection.shallow, selection.deep, len(selection.evidence))
     defense = ZMask(model, config, seed=plan.seed)
     loader = [torch.stack([statistics_set[i]["image"] for i in range(s, min(s + plan.batch_size, len(statistics_set)))])
               for s in range(0, len(statistics_set), plan.batch_size)]
@@ -121,44 +132,11 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
         "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
         "target_fpr": plan.target_fpr, "hard_negatives": plan.hard_negatives,
+        "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
     }
+    if selection is not None:
+        report["layer_selection"] = selection.to_dict()
+    defense.provenance = {"fit": report}
     logger.info("fitted Z-Mask: statistics on %d images, fusion block on %d (loss %.4f -> %.4f), lambda0 %.4f on %d",
                 len(statistics_set), len(fusion_set), history[0], history[-1], calibration.threshold, len(calibration_set))
     return defense, report
-
-
-def layer_separability(
-    model: torch.nn.Module, layers: Sequence[str], config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
-    batch_size: int = 8, progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    from sklearn.metrics import roc_auc_score
-
-    """Evidence for choosing S and D: per candidate layer, how well its own SPR heatmap separates
-    clean from patched images (ROC AUC of the heatmap maximum) and how much brighter it is inside
-    the patch than outside (ratio of means)."""
-    defense = ZMask(model, config.replace(shallow_layers=tuple(layers), deep_layers=tuple(layers[:1])))
-    loader = [torch.stack([clean[i]["image"] for i in range(s, min(s + batch_size, len(clean)))]) for s in range(0, len(clean), batch_size)]
-    defense.fit_statistics(loader, progress=progress)
-    refiner = LayerRefiner(defense.config)
-    peaks: dict[str, dict[str, list[float]]] = {layer: {"clean": [], "patched": []} for layer in layers}
-    contrast: dict[str, list[float]] = {layer: [] for layer in layers}
-    sources = [("clean", images, None) for images in loader] + [("patched", images, masks) for images, masks in patched]
-    for kind, images, masks in tqdm(sources, desc="layers", disable=not progress):
-        with torch.no_grad(), ActivationCapture(model, layers) as capture:
-            model(images)
-            for layer in layers:
-                heatmap = refiner.heatmaps(capture.activations[layer], defense.statistics[layer], {"S": config.shallow_kernels})["S"]
-                peaks[layer][kind] += heatmap.flatten(1).amax(1).tolist()
-                if masks is not None:
-                    inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
-                    mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
-                    mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
-                    contrast[layer] += (mean_in / mean_out.clamp(min=1e-9)).tolist()
-    table = {}
-    for layer in layers:
-        labels = [0] * len(peaks[layer]["clean"]) + [1] * len(peaks[layer]["patched"])
-        table[layer] = {
-            "auc": float(roc_auc_score(labels, peaks[layer]["clean"] + peaks[layer]["patched"])),
-            "inside_outside_ratio": float(sum(contrast[layer]) / max(len(contrast[layer]), 1)),
-        }
-    return table

@@ -1,0 +1,190 @@
+"""Automatic choice of the layer sets S and D from training data.
+
+The paper leaves "which layers?" as future work and picks them by hand. Here each candidate
+layer (the outputs of a model's modules down to a resolution bound) is scored on training images
+only: how well its own SPR heatmap separates clean from patched images (ROC AUC of the heatmap
+peak), how much brighter the heatmap is inside the patch than outside (localisation), and what
+it costs to refine per image. S takes the layers that localise best among those that separate;
+D the layers that separate best. The evidence goes into the profile and the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..config import ZMaskConfig
+from ..core.capture import ActivationCapture
+from ..core.refinement import LayerRefiner
+from ..core.statistics import resize_nearest
+from ..defense import ZMask
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    """One candidate layer: its output shape (C x h x w), separability (AUC), localisation
+    (mean heatmap inside / outside the patch) and refinement cost (ms per image, this machine)."""
+
+    layer: str
+    shape: tuple[int, int, int]
+    auc: float
+    localisation: float
+    cost_ms: float
+
+
+@dataclass
+class LayerSelection:
+    """The chosen S and D, the rule that chose them and the evidence for every candidate."""
+
+    shallow: tuple[str, ...]
+    deep: tuple[str, ...]
+    evidence: list[LayerEvidence] = field(default_factory=list)
+    rule: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shallow": list(self.shallow), "deep": list(self.deep), "rule": self.rule, "evidence": [asdict(e) for e in self.evidence]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSelection:
+        evidence = [LayerEvidence(e["layer"], tuple(e["shape"]), e["auc"], e["localisation"], e["cost_ms"]) for e in data["evidence"]]
+        return cls(tuple(data["shallow"]), tuple(data["deep"]), evidence, data.get("rule", ""))
+
+    def table(self) -> str:
+        """The evidence as a Markdown table (chosen sets marked)."""
+        lines = ["| layer | C x h x w | AUC | inside/outside | cost (ms) | in |", "|---|---|---|---|---|---|"]
+        for e in sorted(self.evidence, key=lambda e: -e.auc):
+            sets = "".join(name for name, chosen in (("S", self.shallow), ("D", self.deep)) if e.layer in chosen) or "-"
+            lines.append(f"| {e.layer} | {'x'.join(map(str, e.shape))} | {e.auc:.3f} | {e.localisation:.2f} | {e.cost_ms:.1f} | {sets} |")
+        return "\n".join(lines)
+
+
+def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8, max_candidates: int = 16) -> list[str]:
+    """Modules whose output is a B x C x h x w map at most ``max_stride`` times coarser than
+    ``image`` (1 x 3 x H x W), in execution order; a module that returns its child's very
+    tensor counts once (the outer name); at most ``max_candidates``, spread evenly over depth."""
+    if max_stride < 1 or max_candidates < 1:
+        raise ConfigError(f"max_stride={max_stride} and max_candidates={max_candidates} must be at least 1")
+    seen: dict[str, tuple[int, tuple[int, ...]]] = {}
+    order: list[str] = []
+    alive: list[torch.Tensor] = []  # held until the end, so that no two outputs can share an address by reuse
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and name not in seen:
+                seen[name] = (output.data_ptr(), tuple(output.shape))
+                order.append(name)
+                alive.append(output)
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    height, width = image.shape[-2:]
+    fine = [n for n in order if seen[n][1][-2] * max_stride >= height and seen[n][1][-1] * max_stride >= width]
+    # A container and its last child share the output tensor: keep the outer (shorter) name.
+    by_tensor: dict[tuple, str] = {}
+    for name in fine:
+        key = seen[name]
+        if key not in by_tensor or len(name) < len(by_tensor[key]):
+            by_tensor[key] = name
+    unique = [n for n in fine if by_tensor[seen[n]] == n]
+    if len(unique) <= max_candidates:
+        return unique
+    step = len(unique) / max_candidates
+    return [unique[int(i * step)] for i in range(max_candidates)]
+
+
+def layer_evidence(
+    model: nn.Module, layers: Sequence[str], config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int = 8, progress: bool = True,
+) -> list[LayerEvidence]:
+    """Per candidate layer, from training images only: clean statistics on ``clean``, then the SPR
+    heatmap (the shallow kernels) of clean and of ``patched`` (images, masks) batches."""
+    from sklearn.metrics import roc_auc_score
+
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ConfigError("no candidate layers to compare")
+    defense = ZMask(model, config.replace(shallow_layers=tuple(layers), deep_layers=tuple(layers[:1]), extreme_layers=()))
+    loader = [torch.stack([clean[i]["image"] for i in range(s, min(s + batch_size, len(clean)))]) for s in range(0, len(clean), batch_size)]
+    defense.fit_statistics(loader, progress=progress)
+    refiner = LayerRefiner(defense.config)
+    peaks: dict[str, dict[str, list[float]]] = {layer: {"clean": [], "patched": []} for layer in layers}
+    contrast: dict[str, list[float]] = {layer: [] for layer in layers}
+    seconds: dict[str, float] = {layer: 0.0 for layer in layers}
+    shapes: dict[str, tuple[int, int, int]] = {}
+    images_seen = 0
+    sources = [(images, None) for images in loader] + list(patched)
+    for images, masks in tqdm(sources, desc="layers", disable=not progress):
+        images_seen += images.shape[0]
+        with torch.no_grad(), ActivationCapture(model, layers) as capture:
+            model(images)
+            for layer in layers:
+                activation = capture.activations[layer]
+                shapes[layer] = tuple(activation.shape[1:])
+                started = time.perf_counter()
+                heatmap = refiner.heatmaps(activation, defense.statistics[layer], {"S": config.shallow_kernels})["S"]
+                seconds[layer] += time.perf_counter() - started
+                has_patch = [False] * images.shape[0] if masks is None else masks.flatten(1).amax(1).gt(0).tolist()
+                for peak, positive in zip(heatmap.flatten(1).amax(1).tolist(), has_patch):
+                    peaks[layer]["patched" if positive else "clean"].append(peak)
+                if masks is not None:
+                    inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
+                    mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+                    mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
+                    contrast[layer] += [r for r, has in zip((mean_in / mean_out.clamp(min=1e-9)).tolist(), inside.flatten(1).any(1).tolist()) if has]
+    evidence = []
+    for layer in layers:
+        clean_peaks, patched_peaks = peaks[layer]["clean"], peaks[layer]["patched"]
+        labels = [0] * len(clean_peaks) + [1] * len(patched_peaks)
+        auc = float(roc_auc_score(labels, clean_peaks + patched_peaks)) if clean_peaks and patched_peaks else float("nan")
+        ratio = float(sum(contrast[layer]) / len(contrast[layer])) if contrast[layer] else float("nan")
+        evidence.append(LayerEvidence(layer, shapes[layer], auc, ratio, 1e3 * seconds[layer] / max(images_seen, 1)))
+    return evidence
+
+
+def choose_layers(evidence: Sequence[LayerEvidence], shallow_count: int = 3, deep_count: int = 3, min_auc: float = 0.8) -> LayerSelection:
+    """S: the ``shallow_count`` layers with the highest localisation among those whose AUC is at
+    least ``min_auc`` (the best-separating ones if too few pass); D: the ``deep_count`` layers
+    with the highest AUC. Ties go to the better localisation, then to the cheaper layer."""
+    if shallow_count < 1 or deep_count < 1:
+        raise ConfigError(f"shallow_count={shallow_count} and deep_count={deep_count} must be at least 1")
+    usable = [e for e in evidence if e.auc == e.auc and e.localisation == e.localisation]
+    if not usable:
+        raise ConfigError("no candidate layer has usable evidence (AUC and localisation); give clean and patched training images")
+    by_auc = sorted(usable, key=lambda e: (-e.auc, -e.localisation, e.cost_ms))
+    separating = [e for e in usable if e.auc >= min_auc]
+    if len(separating) < shallow_count:
+        separating = by_auc[: max(shallow_count, len(separating))]
+    shallow = sorted(separating, key=lambda e: (-e.localisation, -e.auc, e.cost_ms))[:shallow_count]
+    deep = by_auc[:deep_count]
+    rule = (f"S: the {shallow_count} best-localising layers with AUC >= {min_auc}; D: the {deep_count} best-separating layers "
+            "(ties: localisation, then cost); evidence on training images only")
+    return LayerSelection(tuple(e.layer for e in shallow), tuple(e.layer for e in deep), list(evidence), rule)
+
+
+def select_layers(
+    model: nn.Module, config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
+    candidates: Sequence[str] | None = None, shallow_count: int = 3, deep_count: int = 3, min_auc: float = 0.8,
+    max_stride: int = 8, max_candidates: int = 16, batch_size: int = 8, progress: bool = True,
+) -> LayerSelection:
+    """Rank ``candidates`` (default: :func:`candidate_layers` on the first clean image) on training
+    data and choose S and D (:func:`choose_layers`)."""
+    if len(clean) == 0 or not patched:
+        raise ConfigError("layer selection needs clean images and patched (images, masks) batches from the training split")
+    if candidates is None:
+        candidates = candidate_layers(model, clean[0]["image"][None], max_stride, max_candidates)
+    evidence = layer_evidence(model, candidates, config, clean, patched, batch_size, progress)
+    return choose_layers(evidence, shallow_count, deep_count, min_auc)
