@@ -43,7 +43,7 @@ class ConfusionMatrix:
         """Add a batch: ``prediction`` and ``label`` (B x H x W integer maps), ``ignore_mask`` (B x H x W, True = skip).
 
         With ``keys`` (one dataset index per image) each image's counts are also kept, for
-        :meth:`compute_resampled`.
+        :meth:`resampler`.
         """
         if prediction.shape != label.shape:
             raise InputError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
