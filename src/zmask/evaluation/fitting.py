@@ -47,7 +47,8 @@ class FitPlan:
     selection_images: int = 40
 
 
-def _split(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
+def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
+    """The statistics, fusion and calibration shares of a training split (seeded by ``plan.seed``)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(plan.seed)).tolist()
     first = plan.statistics_images
     second = first + plan.fusion_images
@@ -111,7 +112,7 @@ def _occluder(dataset: Dataset, index: int, size: tuple[int, int], generator: to
 def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, patches: Sequence[torch.Tensor],
               plan: FitPlan = FitPlan(), progress: bool = True) -> tuple[ZMask, dict[str, Any]]:
     """Statistics on clean training images, fusion on patched ones, lambda0 by ROC on a third share."""
-    statistics_set, fusion_set, calibration_set = _split(dataset, plan)
+    statistics_set, fusion_set, calibration_set = training_shares(dataset, plan)
     selection = None
     if plan.auto_layers:
         count = min(plan.selection_images, len(statistics_set), len(fusion_set))
