@@ -81,7 +81,7 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
             if float(torch.rand((), generator=generator)) < clean_share:
                 if hard_negatives and float(torch.rand((), generator=generator)) < hard_negatives:
                     size = tuple(patches[int(torch.randint(0, len(patches), (), generator=generator))].shape[-2:])
-                    occluder = _occluder(dataset, index, size, generator)
+                    occluder = _occluder(dataset, index, image.shape[0], size, generator)
                     # Placed as it is: resampling by the EOT's scale would smooth the noise into
                     # something tamer than noise at its own size (it scored 0.09-0.17 against
                     # 0.21 unscaled on YOLOv5n), and the threshold would be set below the latter.
@@ -97,9 +97,8 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
     return batches
 
 
-def _occluder(dataset: Dataset, index: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+def _occluder(dataset: Dataset, index: int, channels: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """A harmless occluder of ``size``: uniform 8-bit noise, or a crop of another image of the dataset."""
-    channels = dataset[index]["image"].shape[0]
     if float(torch.rand((), generator=generator)) < 0.5 or len(dataset) < 2:
         return torch.randint(0, 256, (channels, *size), generator=generator).float() / 255
     other = dataset[(index + 1 + int(torch.randint(0, len(dataset) - 1, (), generator=generator))) % len(dataset)]["image"]

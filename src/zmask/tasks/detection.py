@@ -37,6 +37,7 @@ class CocoEvaluator:
         self.records: list[dict[str, Any]] = []
         self.image_ids: list[int] = []
         self.keys: dict[int, int] = {}  # dataset index -> COCO image id
+        self._evaluated: tuple[tuple, Any] | None = None  # (record count, image ids) -> COCOeval after evaluate()
 
     def update(self, image_ids: list[int], outputs: list[dict[str, torch.Tensor]], keys: Sequence[int] | None = None) -> None:
         """Add detections of images ``image_ids`` (COCO ids); ``keys`` (dataset indices) enable :meth:`resampler`."""
@@ -62,19 +63,24 @@ class CocoEvaluator:
             return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "images": len(image_ids)}
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             evaluation = self._evaluate(records, image_ids)
-            evaluation.accumulate()
+            evaluation.accumulate()  # leaves the per-image matches (evalImgs) that resampler() reuses
             evaluation.summarize()
         logger.debug("pycocotools on %d images, %d detections:\n%s", len(image_ids), len(records), printed.getvalue().rstrip())
         stats = evaluation.stats
         return {"map": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]), "images": len(image_ids)}
 
     def _evaluate(self, records: list[dict[str, Any]], image_ids: list[int]):
+        """COCOeval with its per-image matches computed, kept for the same records and images."""
         from pycocotools.cocoeval import COCOeval
 
+        key = (len(records), tuple(image_ids))
+        if self._evaluated is not None and self._evaluated[0] == key:
+            return self._evaluated[1]
         detections = self.ground_truth.loadRes(records)
         evaluation = COCOeval(self.ground_truth, detections, "bbox")
         evaluation.params.imgIds = image_ids
         evaluation.evaluate()
+        self._evaluated = (key, evaluation)
         return evaluation
 
     def resampler(self) -> Resampler:
