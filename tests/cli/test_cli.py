@@ -162,11 +162,12 @@ def test_committed_experiment_configs_are_complete():
         paths += [values["profile"]] if "profile" in values else []
         missing = [p for p in paths if not (root / p).is_file()]
         assert not missing, f"{config.name}: {missing}"
-        # the profile an experiment evaluates, or a fit writes, is the one shipped with the preset;
-        # a "_paper" fit (the paper's setting, for comparison) must not overwrite it
+        # the model's own experiment (MODEL.yaml) and fit (MODEL_fit.yaml) are those of the shipped
+        # profile; a comparison fit (MODEL_fit_paper.yaml, MODEL_fit_auto.yaml, ...) must not overwrite it
         shipped = get_preset(values["model"]).profile_record.path
         target = (root / values["profile" if command == "evaluate" else "out"]).resolve()
-        assert (target != shipped.resolve()) if config.stem.endswith("_paper") else (target == shipped.resolve()), config.name
+        own = config.stem in (values["model"], f"{values['model']}_fit")
+        assert (target == shipped.resolve()) if own else (target != shipped.resolve()), config.name
 
 
 def test_every_option_of_every_command_has_help():

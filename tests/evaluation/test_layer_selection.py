@@ -53,12 +53,13 @@ def test_choose_layers_rule():
 
 def test_select_layers_on_the_toy_prefers_layers_that_see_the_patch():
     model = seeded_toy()
-    clean = [{"image": image} for batch in clean_batches(4, 4, seed=3) for image in batch]
+    statistics_images = [{"image": image} for batch in clean_batches(4, 4, seed=3) for image in batch]
+    held_out = [{"image": image} for batch in clean_batches(2, 4, seed=4) for image in batch]
     patched = [patched_batch(4, seed=s) for s in range(3)]
-    selection = select_layers(model, TOY_CONFIG, clean, patched, shallow_count=2, deep_count=1, progress=False)
+    selection = select_layers(model, TOY_CONFIG, statistics_images, held_out, patched, shallow_count=2, deep_count=1, progress=False)
     assert {e.layer for e in selection.evidence} == {"c1", "c2", "c3"}
     assert len(selection.shallow) == 2 and len(selection.deep) == 1
-    best = max(selection.evidence, key=lambda e: e.auc)
+    best = max(selection.evidence, key=lambda e: (e.auc, e.localisation))  # the rule's order (ties: localisation)
     assert best.auc > 0.9 and selection.deep == (best.layer,)
     assert all(e.cost_ms > 0 for e in selection.evidence)
 
@@ -76,3 +77,17 @@ def test_fit_with_auto_layers_records_the_choice():
     chosen = report["layer_selection"]
     assert defense.config.shallow_layers == tuple(chosen["shallow"]) and defense.config.deep_layers == tuple(chosen["deep"])
     assert defense.provenance["fit"]["layer_selection"] == chosen
+
+
+def test_layer_evidence_is_the_same_in_groups_and_refuses_an_empty_list():
+    from zmask.evaluation import layer_evidence
+
+    model = seeded_toy()
+    statistics_images = [{"image": image} for batch in clean_batches(2, 4, seed=3) for image in batch]
+    held_out = [{"image": image} for batch in clean_batches(1, 4, seed=4) for image in batch]
+    patched = [patched_batch(4, seed=s) for s in range(2)]
+    together = layer_evidence(model, ["c1", "c2", "c3"], TOY_CONFIG, statistics_images, held_out, patched, progress=False)
+    one_by_one = layer_evidence(model, ["c1", "c2", "c3"], TOY_CONFIG, statistics_images, held_out, patched, layers_at_once=1, progress=False)
+    assert [(e.layer, e.auc, e.localisation) for e in together] == [(e.layer, e.auc, e.localisation) for e in one_by_one]
+    with pytest.raises(ConfigError, match="no candidate layers"):
+        layer_evidence(model, [], TOY_CONFIG, statistics_images, held_out, patched, progress=False)

@@ -29,8 +29,9 @@ class FitPlan:
     ``hard_negatives``: share of the clean fusion and calibration samples that carry a harmless
     occluder (noise or a crop of another image) labelled "no patch" (:func:`patched_batches`).
     ``auto_layers``: choose S and D first (:func:`~zmask.evaluation.layer_selection.select_layers`)
-    among ``layer_candidates`` (None: the model's modules down to 1/8 resolution), on up to
-    ``selection_images`` statistics images (clean) and fusion images (patched)."""
+    among ``layer_candidates`` (None: the model's modules down to 1/8 resolution), with statistics
+    on up to ``selection_images`` statistics images and the evidence on as many fusion images,
+    clean and patched."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -114,9 +115,11 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     statistics_set, fusion_set, calibration_set = training_shares(dataset, plan)
     selection = None
     if plan.auto_layers:
+        # Statistics on statistics images; the evidence on fusion images, clean and patched (paired).
         count = min(plan.selection_images, len(statistics_set), len(fusion_set))
-        patched = patched_batches(Subset(fusion_set, range(count)), patches, plan.batch_size, plan.eot, plan.seed + 3, clean_share=0.0)
-        selection = select_layers(model, config, Subset(statistics_set, range(count)), patched, plan.layer_candidates,
+        held_out = Subset(fusion_set, range(count))
+        patched = patched_batches(held_out, patches, plan.batch_size, plan.eot, plan.seed + 3, clean_share=0.0)
+        selection = select_layers(model, config, Subset(statistics_set, range(count)), held_out, patched, plan.layer_candidates,
                                   batch_size=plan.batch_size, progress=progress)
         config = config.replace(shallow_layers=selection.shallow, deep_layers=selection.deep)
         logger.info("chose S = %s and D = %s among %d candidate layers", selection.shallow, selection.deep, len(selection.evidence))

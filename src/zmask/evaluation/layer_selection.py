@@ -66,7 +66,7 @@ class LayerSelection:
         return "\n".join(lines)
 
 
-def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8, max_candidates: int = 16) -> list[str]:
+def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8, max_candidates: int = 64) -> list[str]:
     """Modules whose output is a B x C x h x w map at most ``max_stride`` times coarser than
     ``image`` (1 x 3 x H x W), in execution order; a module that returns its child's very
     tensor counts once (the outer name); at most ``max_candidates``, spread evenly over depth."""
@@ -106,45 +106,55 @@ def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8,
     return [unique[int(i * step)] for i in range(max_candidates)]
 
 
+def _batches(images: Dataset, batch_size: int) -> list[torch.Tensor]:
+    return [torch.stack([images[i]["image"] for i in range(s, min(s + batch_size, len(images)))]) for s in range(0, len(images), batch_size)]
+
+
 def layer_evidence(
-    model: nn.Module, layers: Sequence[str], config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
-    batch_size: int = 8, progress: bool = True,
+    model: nn.Module, layers: Sequence[str], config: ZMaskConfig, statistics_images: Dataset, clean: Dataset,
+    patched: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 8, layers_at_once: int = 16, progress: bool = True,
 ) -> list[LayerEvidence]:
-    """Per candidate layer, from training images only: clean statistics on ``clean``, then the SPR
-    heatmap (the shallow kernels) of clean and of ``patched`` (images, masks) batches."""
+    """Per candidate layer, from training images only: clean statistics on ``statistics_images``,
+    then the SPR heatmap (the shallow kernels) of held-out ``clean`` images and of ``patched``
+    (images, masks) batches; the clean images should not be statistics images (their Z-scores
+    would look cleaner than any new image's). ``layers_at_once`` bounds the activations held."""
     from sklearn.metrics import roc_auc_score
 
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise ConfigError("no candidate layers to compare")
-    defense = ZMask(model, config.replace(shallow_layers=tuple(layers), deep_layers=tuple(layers[:1]), extreme_layers=()))
-    loader = [torch.stack([clean[i]["image"] for i in range(s, min(s + batch_size, len(clean)))]) for s in range(0, len(clean), batch_size)]
-    defense.fit_statistics(loader, progress=progress)
-    refiner = LayerRefiner(defense.config)
+    if layers_at_once < 1:
+        raise ConfigError(f"layers_at_once={layers_at_once} must be at least 1")
+    statistics_loader, clean_loader = _batches(statistics_images, batch_size), _batches(clean, batch_size)
+    sources = [(images, None) for images in clean_loader] + list(patched)
     peaks: dict[str, dict[str, list[float]]] = {layer: {"clean": [], "patched": []} for layer in layers}
     contrast: dict[str, list[float]] = {layer: [] for layer in layers}
     seconds: dict[str, float] = {layer: 0.0 for layer in layers}
     shapes: dict[str, tuple[int, int, int]] = {}
-    images_seen = 0
-    sources = [(images, None) for images in loader] + list(patched)
-    for images, masks in tqdm(sources, desc="layers", disable=not progress):
-        images_seen += images.shape[0]
-        with torch.no_grad(), ActivationCapture(model, layers) as capture:
-            model(images)
-            for layer in layers:
-                activation = capture.activations[layer]
-                shapes[layer] = tuple(activation.shape[1:])
-                started = time.perf_counter()
-                heatmap = refiner.heatmaps(activation, defense.statistics[layer], {"S": config.shallow_kernels})["S"]
-                seconds[layer] += time.perf_counter() - started
+    images_seen = sum(images.shape[0] for images, _ in sources)
+    groups = [layers[start:start + layers_at_once] for start in range(0, len(layers), layers_at_once)]
+    for group in tqdm(groups, desc="layer groups", disable=not progress or len(groups) == 1):
+        defense = ZMask(model, config.replace(shallow_layers=tuple(group), deep_layers=tuple(group[:1]), extreme_layers=()))
+        defense.fit_statistics(statistics_loader, progress=progress and len(groups) == 1)
+        refiner = LayerRefiner(defense.config)
+        for images, masks in tqdm(sources, desc="layers", disable=not progress or len(groups) > 1):
+            with torch.no_grad(), ActivationCapture(model, group) as capture:
+                model(images)
                 has_patch = [False] * images.shape[0] if masks is None else masks.flatten(1).amax(1).gt(0).tolist()
-                for peak, positive in zip(heatmap.flatten(1).amax(1).tolist(), has_patch):
-                    peaks[layer]["patched" if positive else "clean"].append(peak)
-                if masks is not None:
-                    inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
-                    mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
-                    mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
-                    contrast[layer] += [r for r, has in zip((mean_in / mean_out.clamp(min=1e-9)).tolist(), inside.flatten(1).any(1).tolist()) if has]
+                for layer in group:
+                    activation = capture.activations[layer]
+                    shapes[layer] = tuple(activation.shape[1:])
+                    started = time.perf_counter()
+                    heatmap = refiner.heatmaps(activation, defense.statistics[layer], {"S": config.shallow_kernels})["S"]
+                    seconds[layer] += time.perf_counter() - started
+                    for peak, positive in zip(heatmap.flatten(1).amax(1).tolist(), has_patch):
+                        peaks[layer]["patched" if positive else "clean"].append(peak)
+                    if masks is not None:
+                        inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
+                        mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+                        mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
+                        ratios = (mean_in / mean_out.clamp(min=1e-9)).tolist()
+                        contrast[layer] += [r for r, has in zip(ratios, inside.flatten(1).any(1).tolist()) if has]
     evidence = []
     for layer in layers:
         clean_peaks, patched_peaks = peaks[layer]["clean"], peaks[layer]["patched"]
@@ -176,15 +186,17 @@ def choose_layers(evidence: Sequence[LayerEvidence], shallow_count: int = 3, dee
 
 
 def select_layers(
-    model: nn.Module, config: ZMaskConfig, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
+    model: nn.Module, config: ZMaskConfig, statistics_images: Dataset, clean: Dataset, patched: list[tuple[torch.Tensor, torch.Tensor]],
     candidates: Sequence[str] | None = None, shallow_count: int = 3, deep_count: int = 3, min_auc: float = 0.8,
-    max_stride: int = 8, max_candidates: int = 16, batch_size: int = 8, progress: bool = True,
+    max_stride: int = 8, max_candidates: int = 64, batch_size: int = 8, progress: bool = True,
 ) -> LayerSelection:
     """Rank ``candidates`` (default: :func:`candidate_layers` on the first clean image) on training
-    data and choose S and D (:func:`choose_layers`)."""
-    if len(clean) == 0 or not patched:
-        raise ConfigError("layer selection needs clean images and patched (images, masks) batches from the training split")
+    data (:func:`layer_evidence`: statistics on ``statistics_images``, held-out ``clean`` images
+    against ``patched`` batches) and choose S and D (:func:`choose_layers`)."""
+    if len(statistics_images) == 0 or len(clean) == 0 or not patched:
+        raise ConfigError("layer selection needs statistics images, held-out clean images and patched (images, masks) batches "
+                          "from the training split")
     if candidates is None:
-        candidates = candidate_layers(model, clean[0]["image"][None], max_stride, max_candidates)
-    evidence = layer_evidence(model, candidates, config, clean, patched, batch_size, progress)
+        candidates = candidate_layers(model, statistics_images[0]["image"][None], max_stride, max_candidates)
+    evidence = layer_evidence(model, candidates, config, statistics_images, clean, patched, batch_size, progress=progress)
     return choose_layers(evidence, shallow_count, deep_count, min_auc)
