@@ -190,7 +190,7 @@ def select_layers(
     candidates: Sequence[str] | None = None, shallow_count: int = 3, deep_count: int = 3, min_auc: float = 0.8,
     max_stride: int = 8, max_candidates: int = 64, batch_size: int = 8, progress: bool = True,
 ) -> LayerSelection:
-    """Rank ``candidates`` (default: :func:`candidate_layers` on the first clean image) on training
+    """Rank ``candidates`` (default: :func:`candidate_layers` on the first statistics image) on training
     data (:func:`layer_evidence`: statistics on ``statistics_images``, held-out ``clean`` images
     against ``patched`` batches) and choose S and D (:func:`choose_layers`)."""
     if len(statistics_images) == 0 or len(clean) == 0 or not patched:
