@@ -109,3 +109,16 @@ def test_min_steps_extends_training_on_small_sets():
     assert more[-1] < few[-1]
     with pytest.raises(ValueError, match="invalid training settings"):
         train_fusion(block, shallow, deep, targets, FusionTraining(min_steps=-1))
+
+
+def test_mask_threshold_choice_finds_the_threshold_a_weak_soft_mask_needs():
+    from zmask.core.masking import choose_mask_threshold, mask_iou
+
+    truth = torch.zeros(3, 1, 16, 16)
+    truth[:, :, 4:10, 4:10] = 1
+    soft = 0.3 + 0.15 * truth + 0.02 * torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))  # never reaches 0.5
+    assert float(mask_iou((soft > 0.5).float(), truth).mean()) == 0.0
+    threshold, iou = choose_mask_threshold(soft, torch.nn.functional.interpolate(truth, size=(32, 32)))  # any resolution
+    assert 0.32 <= threshold < 0.45 and iou == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same B"):
+        choose_mask_threshold(soft, truth[:2])

@@ -91,3 +91,19 @@ def test_layer_evidence_is_the_same_in_groups_and_refuses_an_empty_list():
     assert [(e.layer, e.auc, e.localisation) for e in together] == [(e.layer, e.auc, e.localisation) for e in one_by_one]
     with pytest.raises(ConfigError, match="no candidate layers"):
         layer_evidence(model, [], TOY_CONFIG, statistics_images, held_out, patched, progress=False)
+
+
+def test_fit_reports_the_mask_quality_and_can_calibrate_the_mask_threshold():
+    from zmask import FusionTraining
+
+    model = seeded_toy()
+    dataset = [{"image": image} for image in torch.cat(clean_batches(4, 4, seed=3))]
+    patches = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(s)) > 0.5).float() for s in range(2)]
+    reports = {}
+    for calibrate in (False, True):
+        plan = FitPlan(statistics_images=6, fusion_images=6, calibration_images=4, batch_size=4, placements=2,
+                       fusion=FusionTraining(epochs=2, batch_size=4, learning_rate=0.05), calibrate_mask=calibrate)
+        defense, reports[calibrate] = fit_zmask(model, TOY_CONFIG, dataset, patches, plan, progress=False)
+        assert defense.config.mask_threshold == reports[calibrate]["mask_threshold"]
+    assert reports[False]["mask_threshold"] == TOY_CONFIG.mask_threshold
+    assert 0.0 <= reports[False]["calibration_mask_iou"] <= reports[True]["calibration_mask_iou"] <= 1.0

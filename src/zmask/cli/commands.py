@@ -210,7 +210,7 @@ def run_fit(args: argparse.Namespace) -> int:
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
-                   seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto",
+                   seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto", calibrate_mask=args.calibrate_mask,
                    layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
@@ -226,7 +226,9 @@ def run_fit(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"layers chosen on the training images: S = {', '.join(selection.shallow)}; D = {', '.join(selection.deep)}\n{selection.table()}")
     _print(args, f"wrote profile {path}: lambda0 = {report['threshold']:.4f} (calibration AUC {calibration['auc']:.3f}, "
-                 f"TPR {calibration['true_positive_rate']:.3f}, FPR {calibration['false_positive_rate']:.3f})", {"profile": str(path), **report})
+                 f"TPR {calibration['true_positive_rate']:.3f}, FPR {calibration['false_positive_rate']:.3f}); soft-mask threshold "
+                 f"{report['mask_threshold']:.2f} (patch-mask IoU {report['calibration_mask_iou']:.3f} on the patched calibration samples)",
+           {"profile": str(path), **report})
     return 0
 
 

@@ -51,3 +51,25 @@ def apply_mask(images: torch.Tensor, keep: torch.Tensor, fill: float | tuple[flo
     value = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
     value = value.view(1, -1, 1, 1) if value.dim() else value
     return images * keep + value * (1 - keep)
+
+
+def mask_iou(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU of two binary B x 1 x H x W masks (values > 0.5 count as set; 0 where both are empty)."""
+    predicted, true = predicted > 0.5, true > 0.5
+    intersection = (predicted & true).flatten(1).sum(1).float()
+    union = (predicted | true).flatten(1).sum(1).float()
+    return intersection / union.clamp(min=1)
+
+
+def choose_mask_threshold(soft_masks: torch.Tensor, true_masks: torch.Tensor, candidates: torch.Tensor | None = None) -> tuple[float, float]:
+    """The soft-mask threshold (of ``candidates``, default 0.01 ... 0.99) whose patch masks have the
+    highest mean IoU with ``true_masks`` (B x 1 x H x W, any resolution, nearest-resized to the soft
+    masks'); ties go to the higher threshold. Returns (threshold, mean IoU). For training data only:
+    Eq. 4's fixed 0.5 fails when a fusion block's soft mask never reaches it."""
+    if soft_masks.dim() != 4 or true_masks.dim() != 4 or soft_masks.shape[0] != true_masks.shape[0] or soft_masks.shape[0] == 0:
+        raise ValueError(f"soft masks {tuple(soft_masks.shape)} and true masks {tuple(true_masks.shape)} must be B x 1 x H x W with the same B > 0")
+    candidates = torch.linspace(0.01, 0.99, 99) if candidates is None else candidates.flatten()
+    truth = F.interpolate(true_masks.float(), size=tuple(soft_masks.shape[-2:]), mode="nearest")
+    scores = torch.stack([mask_iou((soft_masks > t).float(), truth).mean() for t in candidates.tolist()])
+    best = int(torch.nonzero(scores == scores.max()).flatten()[-1])
+    return float(candidates[best]), float(scores[best])

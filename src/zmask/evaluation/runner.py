@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import EOTConfig, PhysicalConditions, apply_patch
 from ..contracts import Defense, Task
+from ..core.masking import mask_iou
 from ..distributed import all_gather_objects, shard
 
 
@@ -147,10 +148,7 @@ def evaluate(
 
 
 def _iou(predicted: torch.Tensor, true: torch.Tensor) -> list[float]:
-    predicted, true = predicted.cpu() > 0.5, true.cpu() > 0.5
-    intersection = (predicted & true).flatten(1).sum(1).float()
-    union = (predicted | true).flatten(1).sum(1).float()
-    return (intersection / union.clamp(min=1)).tolist()
+    return mask_iou(predicted.cpu(), true.cpu()).tolist()
 
 
 def first_output(output: Any) -> Any:
