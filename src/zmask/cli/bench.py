@@ -24,7 +24,8 @@ from ..defense import ZMask
 from ..models import get_preset
 
 
-def _interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function, run one after the other ``repeats`` times (after one warm-up each)."""
     times: list[list[float]] = [[] for _ in functions]
     for function in functions:  # warm-up: plans, buffers, allocator
         function()
@@ -78,7 +79,7 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
             grid = torch.randn(1, 64, height, width, generator=torch.Generator().manual_seed(0))
             for count in threads:
                 torch.set_num_threads(count)
-                table_time, pool_time = _interleaved_medians(
+                table_time, pool_time = interleaved_medians(
                     [lambda: box_filter(grid, config.shallow_kernels),
                      lambda: [torch.nn.functional.avg_pool2d(grid, k, stride=1) for k in config.shallow_kernels]], max(1, repeats // 3))
 
@@ -90,7 +91,7 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                     defense.threshold = -float("inf")  # always flagged: analysis + masked second pass
                     return defense(image)
 
-                forward_time, clean_time, flagged_time = _interleaved_medians([lambda: model(image), clean, flagged], repeats)
+                forward_time, clean_time, flagged_time = interleaved_medians([lambda: model(image), clean, flagged], repeats)
                 row = {
                     "forward_ms": forward_time * 1e3, "defended_clean_ms": clean_time * 1e3, "defended_flagged_ms": flagged_time * 1e3,
                     "clean_over_forward": clean_time / forward_time, "flagged_over_forward": flagged_time / forward_time,
@@ -104,7 +105,7 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                                speedup_over_literal=(literal_time + forward_time) / clean_time)
                 defense.threshold = float("inf")
                 for batch in batch_sizes:
-                    (batch_time,) = _interleaved_medians([lambda: defense(frames[:batch])], max(1, repeats // 3))
+                    (batch_time,) = interleaved_medians([lambda: defense(frames[:batch])], max(1, repeats // 3))
                     row[f"images_per_second_batch{batch}"] = batch / batch_time
                 figures["per_threads"][str(count)] = {k: round(v, 3) for k, v in row.items()}
     finally:
