@@ -113,6 +113,7 @@ def test_min_steps_extends_training_on_small_sets():
 
 def test_mask_threshold_choice_finds_the_threshold_a_weak_soft_mask_needs():
     from zmask.core.masking import choose_mask_threshold, mask_iou
+    from zmask.errors import InputError
 
     truth = torch.zeros(3, 1, 16, 16)
     truth[:, :, 4:10, 4:10] = 1
@@ -120,5 +121,5 @@ def test_mask_threshold_choice_finds_the_threshold_a_weak_soft_mask_needs():
     assert float(mask_iou((soft > 0.5).float(), truth).mean()) == 0.0
     threshold, iou = choose_mask_threshold(soft, torch.nn.functional.interpolate(truth, size=(32, 32)))  # any resolution
     assert 0.32 <= threshold < 0.45 and iou == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="same B"):
+    with pytest.raises(InputError, match="same B"):
         choose_mask_threshold(soft, truth[:2])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 
 def patch_mask(soft_mask: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
     """1[M~ > threshold] nearest-upsampled to ``input_size`` (B x 1 x H x W float, 1 = patch)."""
@@ -67,7 +69,7 @@ def choose_mask_threshold(soft_masks: torch.Tensor, true_masks: torch.Tensor, ca
     masks'); ties go to the higher threshold. Returns (threshold, mean IoU). For training data only:
     Eq. 4's fixed 0.5 fails when a fusion block's soft mask never reaches it."""
     if soft_masks.dim() != 4 or true_masks.dim() != 4 or soft_masks.shape[0] != true_masks.shape[0] or soft_masks.shape[0] == 0:
-        raise ValueError(f"soft masks {tuple(soft_masks.shape)} and true masks {tuple(true_masks.shape)} must be B x 1 x H x W with the same B > 0")
+        raise InputError(f"soft masks {tuple(soft_masks.shape)} and true masks {tuple(true_masks.shape)} must be B x 1 x H x W with the same B > 0")
     candidates = torch.linspace(0.01, 0.99, 99) if candidates is None else candidates.flatten()
     truth = F.interpolate(true_masks.float(), size=tuple(soft_masks.shape[-2:]), mode="nearest")
     scores = torch.stack([mask_iou((soft_masks > t).float(), truth).mean() for t in candidates.tolist()])
