@@ -18,7 +18,7 @@ from .core.calibration import Calibration, calibrate_threshold
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
 from .core.extremes import ExtremeAccumulator, LayerExtremes
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
-from .core.masking import apply_mask
+from .core.masking import apply_mask, choose_mask_threshold, mask_iou, patch_mask
 from .core.profile import Profile, check_model_fits, check_weights, load_profile, save_profile, weights_fingerprints
 from .core.refinement import LayerRefiner
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
@@ -73,6 +73,7 @@ class ZMask(nn.Module):
         self.statistics = statistics
         self.threshold = threshold
         self.calibration: Calibration | None = None
+        self.calibration_mask_iou: float | None = None  # mean patch-mask IoU on the patched calibration images
         # Channel-extreme evidence (config.extreme_layers): clean statistics of channel maxima and
         # the threshold of the extreme score, with its operating point on the calibration data.
         self.extremes: dict[str, LayerExtremes] | None = None
@@ -172,15 +173,24 @@ class ZMask(nn.Module):
         self.fusion.to(shallow.device)
         return train_fusion(self.fusion, shallow, deep, targets, settings, progress)
 
-    def calibrate(self, data: Iterable[Any], target_fpr: float | None = None, progress: bool = False) -> Calibration:
-        """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty."""
-        scores, labels, hyper = [], [], []
+    def calibrate(self, data: Iterable[Any], target_fpr: float | None = None, progress: bool = False,
+                  calibrate_mask: bool = False) -> Calibration:
+        """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty.
+
+        The same pass measures the patch-mask IoU on the patched images (``calibration_mask_iou``;
+        a warning when it is near zero) and, with ``calibrate_mask``, first sets the soft-mask
+        threshold of Eq. 4 to the one with the best IoU there (:func:`choose_mask_threshold`)."""
+        scores, labels, hyper, soft, truth = [], [], [], [], []
         with torch.no_grad():
             for analysis, masks in self._labelled_analyses(data, "calibration", progress):
+                patched = masks.flatten(1).amax(1) > 0
                 scores.append(analysis.score.cpu())
-                labels.append(masks.flatten(1).amax(1).cpu() > 0)
+                labels.append(patched.cpu())
                 if analysis.extreme_score is not None:
                     hyper.append(analysis.extreme_score.cpu())
+                if patched.any():
+                    soft.append(analysis.soft_mask[patched].cpu())
+                    truth.append(masks[patched].cpu() > 0.5)
         if not scores:
             raise InputError("no calibration batches were given")
         scores_all, labels_all = torch.cat(scores), torch.cat(labels)
@@ -196,7 +206,19 @@ class ZMask(nn.Module):
                         self.extreme_calibration.true_positive_rate, self.extreme_calibration.false_positive_rate)
         logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", self.threshold,
                     int((~labels_all).sum()), int(labels_all.sum()), self.calibration.auc)
+        self._calibrate_mask(torch.cat(soft), torch.cat(truth), calibrate_mask)
         return self.calibration
+
+    def _calibrate_mask(self, soft_masks: torch.Tensor, true_masks: torch.Tensor, choose: bool) -> None:
+        if choose:
+            self.config = self.config.replace(mask_threshold=choose_mask_threshold(soft_masks, true_masks)[0])
+        threshold = self.config.mask_threshold
+        self.calibration_mask_iou = float(mask_iou(patch_mask(soft_masks, tuple(true_masks.shape[-2:]), threshold), true_masks).mean())
+        if self.calibration_mask_iou < 0.05:
+            logger.warning("the patch masks are (nearly) empty on the patched calibration images (mean IoU %.3f at soft-mask "
+                           "threshold %.2f; highest soft-mask value %.3f): flagged images would be re-processed unmasked. "
+                           "Calibrate with calibrate_mask=True (zmask fit --calibrate-mask) or train the fusion block longer",
+                           self.calibration_mask_iou, threshold, float(soft_masks.max()))
 
     # ------------------------------------------------------------------ analysis
     def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:

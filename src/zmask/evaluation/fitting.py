@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 from ..attacks import EOTConfig, apply_patch
 from ..config import ZMaskConfig
 from ..core.fusion import FusionTraining
-from ..core.masking import choose_mask_threshold, mask_iou, patch_mask
+from ..data.batching import image_batches
 from ..defense import ZMask
 from ..errors import ConfigError
 from .layer_selection import select_layers
@@ -34,7 +34,7 @@ class FitPlan:
     on up to ``selection_images`` statistics images and the evidence on as many fusion images,
     clean and patched.
     ``calibrate_mask``: beyond the paper, choose the soft-mask threshold of Eq. 4 (0.5 in the paper)
-    for the best patch-mask IoU on the patched calibration samples (:func:`choose_mask_threshold`);
+    for the best patch-mask IoU on the patched calibration samples (:meth:`ZMask.calibrate`);
     either way the fit reports that IoU and warns when the masks come out (nearly) empty."""
 
     statistics_images: int = 120
@@ -129,22 +129,20 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         config = config.replace(shallow_layers=selection.shallow, deep_layers=selection.deep)
         logger.info("chose S = %s and D = %s among %d candidate layers", selection.shallow, selection.deep, len(selection.evidence))
     defense = ZMask(model, config, seed=plan.seed)
-    loader = [torch.stack([statistics_set[i]["image"] for i in range(s, min(s + plan.batch_size, len(statistics_set)))])
-              for s in range(0, len(statistics_set), plan.batch_size)]
-    defense.fit_statistics(loader, progress=progress)
+    defense.fit_statistics(image_batches(statistics_set, plan.batch_size), progress=progress)
     fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements,
                                   hard_negatives=plan.hard_negatives)
     history = defense.fit_fusion(fusion_data, plan.fusion, progress=progress)
     calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2, placements=plan.placements,
                                        hard_negatives=plan.hard_negatives)
-    calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress)
-    mask_threshold, mask_quality = _mask_threshold(defense, calibration_data, plan.calibrate_mask)
+    calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress, calibrate_mask=plan.calibrate_mask)
     report = {
         "statistics_images": len(statistics_set), "fusion_images": len(fusion_set), "calibration_images": len(calibration_set),
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
         "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
         "target_fpr": plan.target_fpr, "hard_negatives": plan.hard_negatives,
-        "mask_threshold": mask_threshold, "calibrate_mask": plan.calibrate_mask, "calibration_mask_iou": mask_quality,
+        "mask_threshold": defense.config.mask_threshold, "calibrate_mask": plan.calibrate_mask,
+        "calibration_mask_iou": defense.calibration_mask_iou,
         "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
     }
     if selection is not None:
@@ -153,28 +151,3 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     logger.info("fitted Z-Mask: statistics on %d images, fusion block on %d (loss %.4f -> %.4f), lambda0 %.4f on %d",
                 len(statistics_set), len(fusion_set), history[0], history[-1], calibration.threshold, len(calibration_set))
     return defense, report
-
-
-def _mask_threshold(defense: ZMask, calibration_data: list[tuple[torch.Tensor, torch.Tensor]], calibrate: bool) -> tuple[float, float]:
-    """The soft-mask threshold (the configured one, or with ``calibrate`` the best on the patched
-    calibration samples, set in ``defense.config``) and the mean patch-mask IoU it gives there."""
-    soft, truth = [], []
-    for images, masks in calibration_data:
-        patched = masks.flatten(1).amax(1) > 0
-        if patched.any():
-            with torch.no_grad():
-                soft.append(defense.detect(images[patched], gate=False).soft_mask)
-            truth.append(masks[patched])
-    threshold = defense.config.mask_threshold
-    if not soft:
-        return threshold, float("nan")
-    soft_masks, true_masks = torch.cat(soft), torch.cat(truth)
-    if calibrate:
-        threshold, _ = choose_mask_threshold(soft_masks, true_masks)
-        defense.config = defense.config.replace(mask_threshold=threshold)
-    quality = float(mask_iou(patch_mask(soft_masks, tuple(true_masks.shape[-2:]), threshold), true_masks).mean())
-    if quality < 0.05:
-        logger.warning("the patch masks are (nearly) empty on the patched calibration samples (mean IoU %.3f at soft-mask "
-                       "threshold %.2f; highest soft-mask value %.3f): flagged images would be re-processed unmasked. "
-                       "Fit with calibrate_mask (zmask fit --calibrate-mask) or more fusion epochs", quality, threshold, float(soft_masks.max()))
-    return threshold, quality

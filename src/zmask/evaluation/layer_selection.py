@@ -24,6 +24,7 @@ from ..config import ZMaskConfig
 from ..core.capture import ActivationCapture
 from ..core.refinement import LayerRefiner
 from ..core.statistics import resize_nearest
+from ..data.batching import image_batches
 from ..defense import ZMask
 from ..errors import ConfigError
 
@@ -106,10 +107,6 @@ def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8,
     return [unique[int(i * step)] for i in range(max_candidates)]
 
 
-def _batches(images: Dataset, batch_size: int) -> list[torch.Tensor]:
-    return [torch.stack([images[i]["image"] for i in range(s, min(s + batch_size, len(images)))]) for s in range(0, len(images), batch_size)]
-
-
 def layer_evidence(
     model: nn.Module, layers: Sequence[str], config: ZMaskConfig, statistics_images: Dataset, clean: Dataset,
     patched: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 8, layers_at_once: int = 16, progress: bool = True,
@@ -125,7 +122,7 @@ def layer_evidence(
         raise ConfigError("no candidate layers to compare")
     if layers_at_once < 1:
         raise ConfigError(f"layers_at_once={layers_at_once} must be at least 1")
-    statistics_loader, clean_loader = _batches(statistics_images, batch_size), _batches(clean, batch_size)
+    statistics_loader, clean_loader = image_batches(statistics_images, batch_size), image_batches(clean, batch_size)
     sources = [(images, None) for images in clean_loader] + list(patched)
     peaks: dict[str, dict[str, list[float]]] = {layer: {"clean": [], "patched": []} for layer in layers}
     contrast: dict[str, list[float]] = {layer: [] for layer in layers}

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..contracts import FitContext
+from ..data.batching import image_batches
 from ..defense import ZMask
 from .defenses import DEFENSES, NoDefense
 from .fitting import FitPlan, patched_batches
@@ -19,7 +20,7 @@ def fit_context(model: nn.Module, zmask: ZMask, train: Dataset, patches: Sequenc
                 progress: bool = True, batch_size: int = 8, **options: Any) -> FitContext:
     """The training data every defense fits on: clean batches, and the patches at random positions on
     half of the training images (the fusion block's kind of data)."""
-    clean = [torch.stack([train[i]["image"] for i in range(s, min(s + batch_size, len(train)))]) for s in range(0, len(train), batch_size)]
+    clean = image_batches(train, batch_size)
     labelled = patched_batches(train, patches, batch_size, FitPlan().eot, seed + 7) if patches else []
     return FitContext(model, zmask, train, list(patches), clean, labelled, seed, progress, options)
 
