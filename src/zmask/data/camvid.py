@@ -1,4 +1,9 @@
-"""CamVid in the SegNet layout: ``{split}.txt`` lists "image label" pairs relative to the root."""
+"""CamVid in the SegNet layout: ``{split}.txt`` lists "image label" pairs relative to the root.
+
+Labels are the 11 CamVid ids of :data:`CAMVID_CLASSES` and 11 = void. A model trained on another
+label set is evaluated here through a declared label map (one CamVid id per model output, e.g.
+:data:`CITYSCAPES_TO_CAMVID`), which the segmentation task applies to predictions before the metric.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,32 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
+from ..validation import check_limit
 from .io import read_image, read_label
 
 CAMVID_IGNORE_INDEX = 11
 
+#: The evaluated classes, by CamVid id.
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist")
+
+#: Cityscapes trainIds 0..18 (road, sidewalk, building, wall, fence, pole, traffic light, traffic
+#: sign, vegetation, terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle), then
+#: 19, the "background" output of the EdgeNets Cityscapes models, -> CamVid ids (11 = void, not
+#: evaluated). The map of the upstream EdgeNets CamVid evaluation (assets ``reference/*_reference.json``).
+CITYSCAPES_TO_CAMVID = (3, 4, 1, 1, 7, 2, 6, 6, 5, 5, 0, 9, 10, 8, 8, 8, 8, 10, 10, CAMVID_IGNORE_INDEX)
+
 
 class CamVid(Dataset):
-    """Items are dicts: ``image`` (3 x H x W in [0, 1]), ``label`` (H x W int64, 11 = void), ``path``."""
+    """Items are dicts: ``image`` (3 x H x W in [0, 1]), ``label`` (H x W int64, 11 = void), ``path``.
+
+    ``classes`` names the label ids 0..10 and ``ignore_index`` is void (11).
+    """
+
+    classes: tuple[str, ...] = CAMVID_CLASSES
+    ignore_index: int = CAMVID_IGNORE_INDEX
 
     def __init__(self, root: str | Path, split: str = "train", limit: int | None = None) -> None:
+        limit = check_limit(limit)
         self.root = Path(root)
         listing = self.root / f"{split}.txt"
         if not listing.is_file():
