@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 from torchvision.models._utils import IntermediateLayerGetter
 
-from zmask import FusionBlock, ZMask, ZMaskConfig, detection_score
+from zmask import FittedState, FusionBlock, ZMask, ZMaskConfig, detection_score
 from zmask.config import PAPER_SEGMENTATION_DEEP_KERNELS, PAPER_SEGMENTATION_SHALLOW_KERNELS
 from zmask.core.boxfilter import box_filter
 from zmask.core.refinement import layer_heatmap_direct
@@ -93,7 +93,7 @@ def part_b(repeats: int, skip_direct: bool) -> None:
         heatmap_size=(150, 300),
     )
     image = torch.rand(1, 3, 512, 1024, generator=torch.Generator().manual_seed(1))
-    defense = ZMask(body, config, fusion=FusionBlock(torch.Generator().manual_seed(0)))
+    defense = ZMask(body, config, FittedState(fusion=FusionBlock(torch.Generator().manual_seed(0))))
     with torch.no_grad():
         defense.fit_statistics([image])
         _, activations = defense.capture(image)
@@ -102,9 +102,7 @@ def part_b(repeats: int, skip_direct: bool) -> None:
             return body(image)
 
         def analysis():
-            maps = defense.heatmaps_from_activations(activations)
-            soft = defense.fusion(maps.shallow, maps.deep)
-            return maps, detection_score(maps.shallow, maps.deep, soft)
+            return defense.analyze(activations, (image.shape[-2], image.shape[-1]), gate=False)  # heatmaps, fusion, score
 
         forward_times, analysis_times = interleaved_times([forward, analysis], repeats)
         t_forward, t_analysis = min(forward_times), min(analysis_times)
@@ -121,7 +119,7 @@ def part_b(repeats: int, skip_direct: bool) -> None:
                 "S": torch.stack([layer_heatmap_direct(activations[n], defense.statistics[n], config.shallow_kernels, config) for n in config.shallow_layers]).amax(0),
                 "D": torch.stack([layer_heatmap_direct(activations[n], defense.statistics[n], config.deep_kernels, config) for n in config.deep_layers]).amax(0),
             }
-            soft = defense.fusion(direct["S"], direct["D"])
+            soft = defense.state.fusion(direct["S"], direct["D"])
             detection_score(direct["S"], direct["D"], soft)
             t_direct = time.perf_counter() - start
             error = max(

@@ -13,7 +13,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def _assets_folder() -> Path | None:
     configured = os.environ.get("ZMASK_ASSETS")
-    candidates = [Path(configured)] if configured else []
+    # Absolute (links kept, as zmask.assets reads it), so that child processes started in other
+    # folders see the same folder as this one.
+    candidates = [Path(os.path.abspath(os.path.expanduser(configured)))] if configured else []
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "assets")
     for folder in candidates:
         if (folder / "README.md").is_file():
@@ -21,9 +23,14 @@ def _assets_folder() -> Path | None:
     return None
 
 
+ASSETS = _assets_folder()
+if ASSETS is not None:
+    os.environ["ZMASK_ASSETS"] = str(ASSETS)  # resolved once; subprocesses inherit the absolute path
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    folder = _assets_folder()
+    folder = ASSETS
     if folder is None:
         message = "assets folder not found: set ZMASK_ASSETS to the shared assets folder"
         if os.environ.get("CI"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from zmask import FusionTraining, NotFittedError, ZMask, ZMaskConfig
+from zmask import FittedState, FusionTraining, NotFittedError, ZMask, ZMaskConfig
 from zmask.defense import merge_outputs
 
 from .toy import TOY_CONFIG, clean_batches, fitted_toy_defense, patched_batch, seeded_toy
@@ -57,7 +57,7 @@ def test_gate_off_masks_everything_and_fill_value(fitted):
     images, _ = patched_batch(1, seed=5)
     detection = fitted.detect(images, gate=False)
     assert detection.flagged.all()
-    defense = ZMask(fitted.model, TOY_CONFIG.replace(fill_value=(0.1, 0.2, 0.3)), statistics=fitted.statistics, fusion=fitted.fusion)
+    defense = ZMask(fitted.model, TOY_CONFIG.replace(fill_value=(0.1, 0.2, 0.3)), FittedState(fitted.state.statistics, fitted.state.fusion))
     keep = torch.zeros(1, 1, 96, 128)
     filled = defense.apply_mask(images, keep)
     assert torch.allclose(filled[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3]))
@@ -77,7 +77,7 @@ def test_fitting_is_reproducible_with_a_seed():
         defense = ZMask(seeded_toy(), TOY_CONFIG, seed=4)
         defense.fit_statistics(clean_batches(2))
         defense.fit_fusion([patched_batch(4, seed=1)], FusionTraining(epochs=2, seed=4))
-        values.append(defense.fusion.values())
+        values.append(defense.state.fusion.values())
     assert values[0] == values[1]
 
 
@@ -86,7 +86,7 @@ def test_fit_statistics_restores_training_mode_and_max_images():
     defense = ZMask(model, TOY_CONFIG)
     defense.fit_statistics(clean_batches(5, 2), max_images=3)
     assert model.training
-    assert defense.fit_input_size == (96, 128)
+    assert defense.state.input_size == (96, 128)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,7 @@ def test_statistics_for_another_model_are_rejected(fitted):
         def forward(self, x):
             return self.c3(self.c2(self.c1(x)))
 
-    defense = ZMask(Wider(), TOY_CONFIG, statistics=fitted.statistics, fusion=fitted.fusion, threshold=0.1)
+    defense = ZMask(Wider(), TOY_CONFIG, FittedState(fitted.state.statistics, fitted.state.fusion, 0.1))
     with pytest.raises(ValueError, match="layer 'c2' has 24 channels but its statistics 16"):
         defense(torch.rand(1, 3, 96, 128))
 
@@ -160,7 +160,7 @@ def test_merge_outputs_structures():
 def test_mask_dilation_grows_the_mask(fitted):
     images, _ = patched_batch(1, seed=200)
     plain = fitted.detect(images, gate=False).keep_mask
-    dilated = ZMask(fitted.model, TOY_CONFIG.replace(mask_dilation=3), statistics=fitted.statistics, fusion=fitted.fusion).detect(images, gate=False).keep_mask
+    dilated = ZMask(fitted.model, TOY_CONFIG.replace(mask_dilation=3), FittedState(fitted.state.statistics, fitted.state.fusion)).detect(images, gate=False).keep_mask
     assert (1 - dilated).sum() > (1 - plain).sum()
     assert torch.all((1 - dilated) >= (1 - plain))
     with pytest.raises(ValueError, match="mask_dilation"):

@@ -13,17 +13,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ZMaskConfig
-from .core.analysis import Analysis, Heatmaps, analyze, compute_heatmaps
+from .core.analysis import Analysis, Heatmaps, analyze
 from .core.calibration import Calibration, calibrate_threshold
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
-from .core.extremes import ExtremeAccumulator, LayerExtremes
+from .core.extremes import ExtremeAccumulator
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
 from .core.masking import apply_mask, choose_mask_threshold, mask_iou, patch_mask
 from .core.profile import Profile, check_model_fits, check_weights, load_profile, save_profile, weights_fingerprints
 from .core.refinement import LayerRefiner
+from .core.state import FittedState
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
-from .errors import ConfigError, InputError, NotFittedError, ProfileError, ZMaskTypeError
-from .validation import batch_images, batch_images_and_masks, check_images, check_masks, check_threshold, model_dtype
+from .errors import ConfigError, InputError, ProfileError, ZMaskTypeError
+from .validation import batch_images, batch_images_and_masks, check_images, check_masks, model_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,11 @@ class DefenseOutput:
 class ZMask(nn.Module):
     """A model defended by Z-Mask.
 
-    Owns the model, the configuration, the clean statistics, the fusion block and the threshold
-    lambda0. ``forward(x)`` runs the model once while reading the configured layers, scores the
-    batch, and re-runs the model only on flagged images after masking the suspected patch.
+    Owns the model, the configuration and the fitted state (:class:`~zmask.core.state.FittedState`:
+    clean statistics, fusion block, lambda0 and the rest, ``defense.state``). ``forward(x)`` runs
+    the model once while reading the configured layers, scores the batch, and re-runs the model
+    only on flagged images after masking the suspected patch; ``detect(x)`` gives the analysis
+    alone. ``capture`` and ``analyze`` are the lower-level halves of both.
 
     The model must accept a B x C x H x W float tensor (wrap detectors and preprocessing so that it
     does; see ``zmask.models``). Nothing here assumes a device: the defense runs where the model
@@ -54,9 +57,7 @@ class ZMask(nn.Module):
         self,
         model: nn.Module,
         config: ZMaskConfig,
-        statistics: dict[str, LayerStatistics] | None = None,
-        fusion: FusionBlock | None = None,
-        threshold: float | None = None,
+        state: FittedState | None = None,
         on_repeat: RepeatPolicy = "error",
         seed: int = 0,
     ) -> None:
@@ -65,35 +66,15 @@ class ZMask(nn.Module):
             raise ZMaskTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(config, ZMaskConfig):
             raise ZMaskTypeError(f"config must be a ZMaskConfig, got {type(config).__name__}")
+        if state is not None and not isinstance(state, FittedState):
+            raise ZMaskTypeError(f"state must be a FittedState, got {type(state).__name__}")
         resolve_modules(model, config.layers)  # fail now on unknown layer names
         self.model = model
         self.config = config
         self.on_repeat = on_repeat
-        self.fusion = fusion if fusion is not None else FusionBlock(torch.Generator().manual_seed(seed))
-        self.statistics = statistics
-        self.threshold = threshold
-        self.calibration: Calibration | None = None
-        self.calibration_mask_iou: float | None = None  # mean patch-mask IoU on the patched calibration images
-        # Channel-extreme evidence (config.extreme_layers): clean statistics of channel maxima and
-        # the threshold of the extreme score, with its operating point on the calibration data.
-        self.extremes: dict[str, LayerExtremes] | None = None
-        self.extreme_threshold: float | None = None
-        self.extreme_calibration: Calibration | None = None
-        self.fit_input_size: tuple[int, int] | None = None
-        self.provenance: dict[str, Any] | None = None  # saved with the profile: how it was fitted (JSON-able)
+        self.state = state if state is not None else FittedState(fusion=FusionBlock(torch.Generator().manual_seed(seed)))
         self._refiner = LayerRefiner(config)
         self._clone_activations = False  # set once a forward pass is seen to change a read layer in place
-        self._device_statistics: dict[str, dict[str, LayerStatistics]] = {}
-        self._device_extremes: dict[str, dict[str, LayerExtremes]] = {}
-
-    @property
-    def threshold(self) -> float | None:
-        """lambda0: ``score > threshold`` flags an image (None until calibrated); checked when set."""
-        return self._threshold
-
-    @threshold.setter
-    def threshold(self, value: Any) -> None:
-        self._threshold = check_threshold(value)
 
     # ------------------------------------------------------------------ fitting
     def fit_statistics(self, data: Iterable[Any], max_images: int | None = None, progress: bool = False) -> ZMask:
@@ -121,15 +102,14 @@ class ZMask(nn.Module):
                     accumulator.update(activations)
                     if config.extreme_layers:
                         maxima.update({name: activations[name] for name in config.extreme_layers})
-                    self.fit_input_size = tuple(images.shape[-2:])
+                    self.state.input_size = (int(images.shape[-2]), int(images.shape[-1]))
         finally:
             self.model.train(was_training)
         accumulator.all_reduce()
         self.set_statistics(accumulator.compute())
         if config.extreme_layers:
             maxima.all_reduce()
-            self.extremes = maxima.compute()
-            self._device_extremes.clear()
+            self.state.extremes = maxima.compute()
         return self
 
     def set_statistics(self, statistics: dict[str, LayerStatistics]) -> None:
@@ -140,8 +120,7 @@ class ZMask(nn.Module):
         for name, stats in statistics.items():
             if stats.planes != self.config.planes:
                 raise ConfigError(f"statistics of layer {name!r} have {stats.planes} planes, the configuration {self.config.planes}")
-        self.statistics = {name: statistics[name] for name in self.config.layers}
-        self._device_statistics.clear()
+        self.state.statistics = {name: statistics[name] for name in self.config.layers}
 
     def fusion_targets(self, data: Iterable[Any], progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Heatmaps (H_S, H_D) and patch masks at heatmap size for every image of ``data``.
@@ -165,19 +144,19 @@ class ZMask(nn.Module):
             images, masks = batch_images_and_masks(batch)
             images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
             masks = check_masks(masks.to(images.device), images)
-            yield self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate=False), masks
+            yield self.analyze(self.capture(images)[1], (int(images.shape[-2]), int(images.shape[-1])), gate=False), masks
 
     def fit_fusion(self, data: Iterable[Any], settings: FusionTraining = FusionTraining(), progress: bool = False) -> list[float]:
         """Train the fusion block on (images, patch_masks) batches; returns the loss per epoch."""
         shallow, deep, targets = self.fusion_targets(data, progress)
-        self.fusion.to(shallow.device)
-        return train_fusion(self.fusion, shallow, deep, targets, settings, progress)
+        self.state.fusion.to(shallow.device)
+        return train_fusion(self.state.fusion, shallow, deep, targets, settings, progress)
 
     def calibrate(self, data: Iterable[Any], target_fpr: float | None = None, progress: bool = False,
                   calibrate_mask: bool = False) -> Calibration:
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty.
 
-        The same pass measures the patch-mask IoU on the patched images (``calibration_mask_iou``;
+        The same pass measures the patch-mask IoU on the patched images (``state.calibration_mask_iou``;
         a warning when it is near zero) and, with ``calibrate_mask``, first sets the soft-mask
         threshold of Eq. 4 to the one with the best IoU there (:func:`choose_mask_threshold`)."""
         scores, labels, hyper, soft, truth = [], [], [], [], []
@@ -196,29 +175,31 @@ class ZMask(nn.Module):
         scores_all, labels_all = torch.cat(scores), torch.cat(labels)
         if labels_all.all() or not labels_all.any():
             raise InputError("calibration needs both clean images (empty masks) and patched images")
-        self.calibration = calibrate_threshold(scores_all[~labels_all], scores_all[labels_all], target_fpr)
-        self.threshold = self.calibration.threshold
+        state = self.state
+        state.calibration = calibrate_threshold(scores_all[~labels_all], scores_all[labels_all], target_fpr)
+        state.threshold = state.calibration.threshold
         if hyper:
             hyper_all = torch.cat(hyper)
-            self.extreme_calibration = calibrate_threshold(hyper_all[~labels_all], hyper_all[labels_all], self.config.extreme_fpr)
-            self.extreme_threshold = self.extreme_calibration.threshold
-            logger.info("calibrated the extreme-score threshold %.4f (calibration TPR %.3f, FPR %.3f)", self.extreme_threshold,
-                        self.extreme_calibration.true_positive_rate, self.extreme_calibration.false_positive_rate)
-        logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", self.threshold,
-                    int((~labels_all).sum()), int(labels_all.sum()), self.calibration.auc)
+            state.extreme_calibration = calibrate_threshold(hyper_all[~labels_all], hyper_all[labels_all], self.config.extreme_fpr)
+            state.extreme_threshold = state.extreme_calibration.threshold
+            logger.info("calibrated the extreme-score threshold %.4f (calibration TPR %.3f, FPR %.3f)", state.extreme_threshold,
+                        state.extreme_calibration.true_positive_rate, state.extreme_calibration.false_positive_rate)
+        logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", state.threshold,
+                    int((~labels_all).sum()), int(labels_all.sum()), state.calibration.auc)
         self._calibrate_mask(torch.cat(soft), torch.cat(truth), calibrate_mask)
-        return self.calibration
+        return state.calibration
 
     def _calibrate_mask(self, soft_masks: torch.Tensor, true_masks: torch.Tensor, choose: bool) -> None:
         if choose:
             self.config = self.config.replace(mask_threshold=choose_mask_threshold(soft_masks, true_masks)[0])
         threshold = self.config.mask_threshold
-        self.calibration_mask_iou = float(mask_iou(patch_mask(soft_masks, tuple(true_masks.shape[-2:]), threshold), true_masks).mean())
-        if self.calibration_mask_iou < 0.05:
+        size = (int(true_masks.shape[-2]), int(true_masks.shape[-1]))
+        iou = self.state.calibration_mask_iou = float(mask_iou(patch_mask(soft_masks, size, threshold), true_masks).mean())
+        if iou < 0.05:
             logger.warning("the patch masks are (nearly) empty on the patched calibration images (mean IoU %.3f at soft-mask "
                            "threshold %.2f; highest soft-mask value %.3f): flagged images would be re-processed unmasked. "
                            "Calibrate with calibrate_mask=True (zmask fit --calibrate-mask) or train the fusion block longer",
-                           self.calibration_mask_iou, threshold, float(soft_masks.max()))
+                           iou, threshold, float(soft_masks.max()))
 
     # ------------------------------------------------------------------ analysis
     def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -239,37 +220,20 @@ class ZMask(nn.Module):
             return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
         return output, capture.require_all()
 
-    def _statistics_on(self, device: torch.device) -> dict[str, LayerStatistics] | None:
-        return _on_device(self._device_statistics, self.statistics, device)
-
     def analyze(self, activations: dict[str, torch.Tensor], input_size: tuple[int, int], gate: bool = True,
                 per_layer: bool = False) -> Analysis:
-        """The Z-Mask analysis of captured activations (see :func:`zmask.core.analysis.analyze`):
-        heatmaps, soft mask, score, flag, and the keep-mask for images of ``input_size``."""
+        """Lower level: the Z-Mask analysis of activations from :meth:`capture` (see
+        :func:`zmask.core.analysis.analyze`) for images of ``input_size``."""
         if not activations:
             raise InputError("no activations were given")
-        device = next(iter(activations.values())).device
-        extremes = _on_device(self._device_extremes, self.extremes, device)
-        return analyze(activations, self._statistics_on(device), self.fusion, self.config, self._refiner, self.threshold,
-                       input_size, gate, per_layer, extremes, self.extreme_threshold)
+        return analyze(activations, self.state, self.config, self._refiner, input_size, gate, per_layer)
 
-    def heatmaps_from_activations(self, activations: dict[str, torch.Tensor], per_layer: bool = False) -> Heatmaps:
-        """H_S and H_D from captured activations (pixel-wise max over the layers of each set)."""
-        device = next(iter(activations.values())).device
-        statistics = self._statistics_on(device)
-        if statistics is None:
-            raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
-        return compute_heatmaps(activations, statistics, self.config, self._refiner, per_layer)
-
-    def heatmaps(self, images: torch.Tensor, per_layer: bool = False) -> Heatmaps:
-        """H_S and H_D of a batch (one forward pass of the model)."""
+    def detect(self, images: torch.Tensor, gate: bool = True, per_layer: bool = False) -> Analysis:
+        """What Z-Mask concludes about a batch, without re-processing it: heatmaps (each layer's too
+        with ``per_layer``), soft mask, score, flag, patch and keep masks (:class:`Analysis`).
+        ``gate=False`` flags (and masks) every image; it needs no lambda0."""
         images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
-        return self.heatmaps_from_activations(self.capture(images)[1], per_layer)
-
-    def detect(self, images: torch.Tensor, gate: bool = True) -> Analysis:
-        """Score, flag and mask a batch without re-processing it."""
-        images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
-        return self.analyze(self.capture(images)[1], tuple(images.shape[-2:]), gate)
+        return self.analyze(self.capture(images)[1], (int(images.shape[-2]), int(images.shape[-1])), gate, per_layer)
 
     def apply_mask(self, images: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
         """x * M + fill * (1 - M), in the space (and dtype) the model consumes."""
@@ -279,7 +243,7 @@ class ZMask(nn.Module):
         """Defended inference; with ``gate=False`` every image is masked (the authors' demo)."""
         images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
         output, activations = self.capture(images)
-        analysis = self.analyze(activations, tuple(images.shape[-2:]), gate)
+        analysis = self.analyze(activations, (int(images.shape[-2]), int(images.shape[-1])), gate)
         if analysis.flagged.any():
             index = analysis.flagged.nonzero().flatten()
             rerun = self.model(self.apply_mask(images[index], analysis.keep_mask[index]))
@@ -288,14 +252,10 @@ class ZMask(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def profile(self) -> Profile:
-        """The fitted state as a :class:`~zmask.core.profile.Profile`."""
-        if self.statistics is None:
+        """The configuration and fitted state, with the model's fingerprint, as a :class:`~zmask.core.profile.Profile`."""
+        if self.state.statistics is None:
             raise ProfileError("nothing to save: the defense has no statistics yet (call fit_statistics first)")
-        calibration = self.calibration.__dict__ if self.calibration is not None else None
-        extreme_calibration = self.extreme_calibration.__dict__ if self.extreme_calibration is not None else None
-        return Profile(self.config, self.statistics, self.fusion.values(), self.threshold, calibration, self.fit_input_size,
-                       type(self.model).__name__, weights_fingerprints(self.model), self.extremes, self.extreme_threshold,
-                       extreme_calibration, self.provenance)
+        return Profile(self.config, self.state, type(self.model).__name__, weights_fingerprints(self.model))
 
     def save(self, path: str | Path) -> Path:
         """Write the profile (configuration, statistics, fusion parameters, lambda0, a fingerprint of
@@ -320,20 +280,7 @@ class ZMask(nn.Module):
                 resolve_modules(model, profile.config.layers)
             except ValueError as error:
                 raise ProfileError(f"profile {path} does not fit this model: {error}") from None
-        fusion = FusionBlock()
-        fusion.load_values(profile.fusion)
-        defense = cls(model, profile.config, statistics=profile.statistics, fusion=fusion, threshold=profile.threshold, **kwargs)
-        defense.fit_input_size = profile.input_size
-        defense.provenance = profile.provenance
-        defense.extremes, defense.extreme_threshold = profile.extremes, profile.extreme_threshold
-        if profile.extreme_calibration is not None:
-            defense.extreme_calibration = Calibration(**profile.extreme_calibration)
-        if isinstance(profile.calibration, dict):
-            try:
-                defense.calibration = Calibration(**profile.calibration)
-            except TypeError:
-                raise ProfileError(f"profile {path}: its calibration record has unexpected fields {sorted(profile.calibration)}") from None
-        return defense
+        return cls(model, profile.config, profile.state, **kwargs)
 
     @classmethod
     def from_preset(cls, preset: Any, pretrained: bool = True, **kwargs: Any) -> ZMask:
@@ -347,16 +294,6 @@ class ZMask(nn.Module):
         path = preset.profile()
         logger.info("loading the shipped profile %s for preset %s", path, preset.name)
         return cls.load(path, preset.build(pretrained), **kwargs)
-
-
-def _on_device(cache: dict[str, dict[str, Any]], values: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
-    """``values`` (per-layer statistics with a ``to(device)``) moved to ``device`` once and kept in ``cache``."""
-    if values is None:
-        return None
-    key = str(device)
-    if key not in cache:
-        cache[key] = {name: stats.to(device) for name, stats in values.items()}
-    return cache[key]
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from zmask.core.capture import run_and_capture
-from zmask import FusionTraining, ZMask, ZMaskError
+from zmask import FittedState, FusionTraining, ZMask, ZMaskError
 from zmask.attacks import AttackConfig, EOTConfig, PatchAttack, apply_patch, load_patch, patch_size, random_noise_patch, save_patch
 from zmask.tasks import SegmentationTask
 
@@ -146,17 +146,17 @@ def test_activation_aware_attack_lowers_over_activation(toy_setup):
 def test_straight_through_keep_mask_is_the_defense_mask_forward_with_gradients(toy_setup):
     """Forward: the very keep-mask the defense applies (flagged and unflagged images, dilation);
     backward: a gradient reaches the image through the soft mask and the flag."""
-    from zmask.attacks.adaptive import straight_through_keep_mask
+    from zmask.core.masking import straight_through_keep_mask
 
     _, defense, _ = toy_setup
     images, _ = patched_batch(4, seed=40)
     images = torch.cat([images, clean_batches(1, 2, seed=41)[0]]).requires_grad_(True)
-    dilated = ZMask(defense.model, defense.config.replace(mask_dilation=3), statistics=defense.statistics, fusion=defense.fusion,
-                    threshold=defense.threshold)
+    state = defense.state
+    dilated = ZMask(defense.model, defense.config.replace(mask_dilation=3), FittedState(state.statistics, state.fusion, state.threshold))
     _, activations = dilated.capture(images)
     analysis = dilated.analyze(activations, tuple(images.shape[-2:]))
     assert analysis.flagged.any() and not analysis.flagged.all()
-    keep = straight_through_keep_mask(analysis, dilated.threshold)
+    keep = straight_through_keep_mask(analysis, dilated.state.threshold)
     assert torch.equal(keep.detach(), analysis.keep_mask)
     (gradient,) = torch.autograd.grad(keep.sum(), images)
     assert gradient.abs().sum() > 0

@@ -62,9 +62,9 @@ def test_fit_records_the_user_model_and_its_layers(fitted):
     recorded = load_profile(fitted[1])
     assert recorded.model_class == "TinySegmenter"
     assert recorded.config.shallow_layers == ("stem.0", "stem.1") and recorded.config.deep_layers == ("stem.1", "block.1")
-    assert tuple(recorded.input_size) == (96, 128)  # the folder's 60x80 images were resized to --input-size
+    assert tuple(recorded.state.input_size) == (96, 128)  # the folder's 60x80 images were resized to --input-size
     assert recorded.layers == {"stem.0": 8, "stem.1": 8, "block.1": 16}
-    assert recorded.threshold is not None
+    assert recorded.state.threshold is not None
 
 
 def test_defend_with_the_fitted_profile(capsys, folder, fitted, tmp_path):
@@ -76,7 +76,7 @@ def test_defend_with_the_fitted_profile(capsys, folder, fitted, tmp_path):
     assert code == 0
     records = [json.loads(line) for line in stdout.splitlines()]
     assert len(records) == 3 and all(r["preprocessing"] == "resized to 96x128" for r in records)
-    assert {r["threshold"] for r in records} == {load_profile(fitted[1]).threshold}
+    assert {r["threshold"] for r in records} == {load_profile(fitted[1]).state.threshold}
     assert Image.open(out / "masked" / "00.png").size == (128, 96)
     assert json.loads((out / "run.json").read_text())["profile_sha256"]
 

@@ -52,12 +52,12 @@ def test_hardened_defense_round_trips_through_its_profile(tmp_path):
     clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
     defense.fit_fusion(patched + clean, FusionTraining(epochs=10, batch_size=8, learning_rate=0.05))
     defense.calibrate(patched[:3] + clean[:3])
-    assert defense.extreme_threshold is not None and defense.extreme_calibration.false_positive_rate <= 0.01
+    assert defense.state.extreme_threshold is not None and defense.state.extreme_calibration.false_positive_rate <= 0.01
     loaded = ZMask.load(defense.save(tmp_path / "hardened.safetensors"), seeded_toy())
     images = torch.cat([patched_batch(2, seed=77)[0], clean_batches(1, 2, seed=78)[0]])
     with torch.no_grad():
         first, second = defense.detect(images), loaded.detect(images)
-    assert loaded.extreme_threshold == defense.extreme_threshold
+    assert loaded.state.extreme_threshold == defense.state.extreme_threshold
     assert torch.equal(first.flagged, second.flagged) and torch.equal(first.keep_mask, second.keep_mask)
     assert torch.equal(first.extreme_score, second.extreme_score)
 

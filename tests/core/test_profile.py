@@ -29,8 +29,8 @@ def test_round_trip_gives_identical_results(saved):
     defense, path = saved
     loaded = ZMask.load(path, defense.model)
     assert loaded.config == defense.config
-    assert loaded.threshold == defense.threshold
-    assert loaded.fit_input_size == (96, 128)
+    assert loaded.state.threshold == defense.state.threshold
+    assert loaded.state.input_size == (96, 128)
     images, _ = patched_batch(2, seed=3)
     first, second = defense(images), loaded(images)
     torch.testing.assert_close(first.detection.score, second.detection.score, rtol=0, atol=0)
@@ -107,10 +107,10 @@ def test_provenance_round_trip_and_schema(saved, tmp_path):
     from safetensors.torch import load_file, safe_open, save_file
 
     defense, _ = saved
-    defense.provenance = {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]}, "hard_negatives": 0.5}
+    defense.state.provenance = {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]}, "hard_negatives": 0.5}
     path = defense.save(tmp_path / "with_provenance.safetensors")
-    defense.provenance = None
-    assert ZMask.load(path, defense.model).provenance == {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]},
+    defense.state.provenance = None
+    assert ZMask.load(path, defense.model).state.provenance == {"layer_selection": {"shallow": ["c1"], "evidence": [{"layer": "c1", "auc": 0.9}]},
                                                           "hard_negatives": 0.5}
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata())

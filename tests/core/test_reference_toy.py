@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zmask import FusionBlock, ZMask, detection_score
+from zmask import FittedState, FusionBlock, ZMask, detection_score
 from zmask.core.refinement import layer_heatmap_direct
 
 from ..toy import TOY_CONFIG, ToyNet
@@ -37,17 +37,23 @@ def test_authors_checkpoint_values(authors_fusion):
     assert torch.allclose(soft, torch.tensor([0.0053, 0.0588, 0.7467, 0.9489]), atol=2e-4)
 
 
+def _ungated_analysis(defense, images, per_layer=False):
+    """The authors' toy input is not an RGB image in [0, 1] (which ``detect`` insists on): the
+    lower-level capture and analyze, which take any activations."""
+    return defense.analyze(defense.capture(images)[1], tuple(images.shape[-2:]), gate=False, per_layer=per_layer)
+
+
 @pytest.mark.parametrize("box_method", ["table", "separable", "auto"])
 def test_reproduces_authors_outputs(reference, toy, authors_fusion, box_method):
-    defense = ZMask(toy, TOY_CONFIG.replace(box_method=box_method), fusion=authors_fusion)
+    defense = ZMask(toy, TOY_CONFIG.replace(box_method=box_method), FittedState(fusion=authors_fusion))
     clean = reference["clean_images"]
     defense.fit_statistics([clean[i : i + 1] for i in range(clean.shape[0])])
     for layer in ("c1", "c2", "c3"):
-        torch.testing.assert_close(defense.statistics[layer].mean.view(-1), reference[f"mean.{layer}"].view(-1), rtol=0, atol=1e-6)
-        torch.testing.assert_close(defense.statistics[layer].std.view(-1), reference[f"std.{layer}"].view(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(defense.state.statistics[layer].mean.view(-1), reference[f"mean.{layer}"].view(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(defense.state.statistics[layer].std.view(-1), reference[f"std.{layer}"].view(-1), rtol=0, atol=1e-6)
     with torch.no_grad():
-        maps = defense.heatmaps(reference["input"])
-        soft = defense.fusion(maps.shallow, maps.deep)
+        maps = _ungated_analysis(defense, reference["input"]).heatmaps
+        soft = defense.state.fusion(maps.shallow, maps.deep)
         score = detection_score(maps.shallow, maps.deep, soft)
     torch.testing.assert_close(maps.shallow, reference["H_S"], rtol=0, atol=1e-5)
     torch.testing.assert_close(maps.deep, reference["H_D"], rtol=0, atol=1e-5)
@@ -56,13 +62,13 @@ def test_reproduces_authors_outputs(reference, toy, authors_fusion, box_method):
 
 
 def test_fast_refinement_matches_direct_oracle(reference, toy, authors_fusion):
-    defense = ZMask(toy, TOY_CONFIG, fusion=authors_fusion)
+    defense = ZMask(toy, TOY_CONFIG, FittedState(fusion=authors_fusion))
     defense.fit_statistics([reference["clean_images"]])
     with torch.no_grad():
-        maps = defense.heatmaps(reference["input"], per_layer=True)
+        maps = _ungated_analysis(defense, reference["input"], per_layer=True).heatmaps
         _, activations = defense.capture(reference["input"])
     for layer, sets in maps.per_layer.items():
         for name, heatmap in sets.items():
             kernels = TOY_CONFIG.shallow_kernels if name == "S" else TOY_CONFIG.deep_kernels
-            direct = layer_heatmap_direct(activations[layer], defense.statistics[layer], kernels, TOY_CONFIG)
+            direct = layer_heatmap_direct(activations[layer], defense.state.statistics[layer], kernels, TOY_CONFIG)
             torch.testing.assert_close(heatmap, direct, rtol=1e-5, atol=1e-6)

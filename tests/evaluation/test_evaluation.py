@@ -137,7 +137,7 @@ def test_experiments_report_reuse_and_reproducibility(toy_setup, tmp_path, monke
     detection = results["detection"]["L"]["zmask"]
     assert detection["auc_ci"][0] <= detection["auc"] <= detection["auc_ci"][1]
     assert set(results["recovery"]["L"]) == {"zmask", "lgs"}
-    assert results["operating_point"]["threshold"] == toy_setup[1].threshold
+    assert results["operating_point"]["threshold"] == toy_setup[1].state.threshold
     again, _ = _run(toy_setup, tmp_path / "b")
     first, second = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("a", "b"))
     first.pop("seconds"), second.pop("seconds")

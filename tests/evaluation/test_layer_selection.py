@@ -76,7 +76,7 @@ def test_fit_with_auto_layers_records_the_choice():
     defense, report = fit_zmask(model, TOY_CONFIG, dataset, patches, plan, progress=False)
     chosen = report["layer_selection"]
     assert defense.config.shallow_layers == tuple(chosen["shallow"]) and defense.config.deep_layers == tuple(chosen["deep"])
-    assert defense.provenance["fit"]["layer_selection"] == chosen
+    assert defense.state.provenance["fit"]["layer_selection"] == chosen
 
 
 def test_layer_evidence_is_the_same_in_groups_and_refuses_an_empty_list():

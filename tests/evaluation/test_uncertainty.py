@@ -9,7 +9,8 @@ import torch
 
 from zmask.errors import ConfigError, InputError
 from zmask.evaluation.runner import DefenseMetrics
-from zmask.evaluation.uncertainty import Bootstrap, BootstrapConfig, percentile_interval, recovery, roc_auc
+from zmask.core.calibration import roc_auc
+from zmask.evaluation.uncertainty import Bootstrap, BootstrapConfig, percentile_interval, recovery
 from zmask.tasks import ConfusionMatrix, CocoEvaluator
 
 

@@ -129,7 +129,7 @@ def test_detector_report_and_errors(toy_defense, mixed_batch):
     analysis = toy_defense.detect(mixed_batch)
     assert flagged.tolist() == analysis.flagged.tolist() and flagged.dtype == bool
     np.testing.assert_allclose(report["score"], analysis.score.detach().numpy(), rtol=1e-6)
-    assert report["threshold"] == toy_defense.threshold and report["patch_mask"].shape == (4, 96, 128)
+    assert report["threshold"] == toy_defense.state.threshold and report["patch_mask"].shape == (4, 96, 128)
     assert report["patch_mask"][:2].any(axis=(1, 2)).all()
     _, last = ZMaskDetector(toy_defense, channels_first=False).detect(mixed_batch.permute(0, 2, 3, 1).numpy())
     assert last.tolist() == flagged.tolist()

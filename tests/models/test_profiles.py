@@ -30,9 +30,9 @@ def test_shipped_profile_matches_its_record(name):
     assert path == record.path and sha256_of(path) == record.sha256
     stored = load_profile(path)
     # the record's metadata agrees with the file: its threshold and the layers of the preset
-    assert stored.threshold == pytest.approx(record.metrics["lambda0"], abs=5e-5)
+    assert stored.state.threshold == pytest.approx(record.metrics["lambda0"], abs=5e-5)
     assert stored.config.shallow_layers == preset.shallow_layers and stored.config.deep_layers == preset.deep_layers
-    assert tuple(stored.input_size) == tuple(preset.input_size)
+    assert tuple(stored.state.input_size) == tuple(preset.input_size)
     assert record.command.startswith("zmask fit --config experiments/") and record.fitted_on
     with pytest.raises(TypeError):
         record.metrics["lambda0"] = 0.0  # read-only metadata
@@ -67,7 +67,7 @@ def test_from_preset_defends_with_the_shipped_profile(assets):
 
     preset = get_preset("espnet_camvid")
     defense = ZMask.from_preset("espnet_camvid")
-    assert defense.threshold == pytest.approx(preset.profile_record.metrics["lambda0"], abs=5e-5)
+    assert defense.state.threshold == pytest.approx(preset.profile_record.metrics["lambda0"], abs=5e-5)
     image = preset.dataset("val", limit=1)[0]["image"][None]
     patch = load_patch(profiles_module.PROFILE_FOLDER.parent / "patches" / "espnet_camvid_L_beta1.0.png")[0]
     attacked, _ = place_patches(image, patch, [0], 0)
@@ -82,4 +82,4 @@ def test_from_preset_accepts_a_preset_object_and_passes_options(assets, tmp_path
     assert isinstance(defense, ZMask) and defense.config.layers == preset.config().layers
     copy = tmp_path / "copy.safetensors"
     shutil.copy(preset.profile(), copy)
-    assert ZMask.load(copy, preset.build(False), check_model=False).threshold == defense.threshold
+    assert ZMask.load(copy, preset.build(False), check_model=False).state.threshold == defense.state.threshold

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..contracts import AdaptiveObjective, AttackContext
-from ..core.analysis import Analysis, flag
-from ..core.masking import apply_mask, dilate_mask
+from ..core.analysis import flag
+from ..core.masking import apply_mask, straight_through_keep_mask
 from ..core.statistics import resize_nearest
 from ..registry import Registry
 
@@ -41,46 +41,20 @@ def mask_attack(context: AttackContext) -> dict[str, torch.Tensor]:
 @ADAPTIVE_OBJECTIVES.register("flag")
 def flag_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """Flag-Attack: keep the score under lambda0 (maximise the BCE of sigmoid(d - lambda0) against "patched")."""
-    flag = torch.sigmoid(context.analysis.score - context.defense.threshold)
-    return {"flag_bce": -F.binary_cross_entropy(flag, torch.ones_like(flag))}
-
-
-def straight_through_keep_mask(analysis: Analysis, threshold: float | None, gate: bool = True,
-                               extreme_threshold: float | None = None) -> torch.Tensor:
-    """The defense's keep-mask (B x 1 x H x W, 1 = keep) with straight-through gradients.
-
-    Forward: exactly Eq. 4 as the defense applies it - 1[M~ > mask threshold] upsampled (with the
-    channel-extreme coverage when the defense has it), dilated by ``mask_dilation``, only on images
-    that are flagged (every image with ``gate=False``). Backward: the upsampled soft mask M~ stands
-    for the binary mask, and sigmoid(d - lambda0) for the flag - or, with the extreme evidence,
-    1 - (1 - sigmoid(d - lambda0)) (1 - sigmoid(x - lambda_x)) for "either score fires".
-    """
-    size = tuple(analysis.input_size)
-    soft = F.interpolate(analysis.soft_mask, size=size, mode="nearest")
-    hard = (soft.detach() > analysis.mask_threshold).float()
-    if analysis.coverage is not None:
-        hard = torch.maximum(hard, F.interpolate(analysis.coverage.float(), size=size, mode="nearest"))
-    hard = dilate_mask(hard, analysis.mask_dilation)
-    masked = hard + (soft - soft.detach())  # exactly ``hard`` forward, the soft mask's gradient backward
-    if gate and threshold is not None:
-        probability = torch.sigmoid(analysis.score - threshold)
-        if analysis.extreme_score is not None and extreme_threshold is not None:
-            probability = 1 - (1 - probability) * (1 - torch.sigmoid(analysis.extreme_score - extreme_threshold))
-        flag = analysis.flagged.float() + (probability - probability.detach())
-        masked = masked * flag.view(-1, 1, 1, 1)
-    return 1.0 - masked
+    flagged = torch.sigmoid(context.analysis.score - context.defense.state.threshold)
+    return {"flag_bce": -F.binary_cross_entropy(flagged, torch.ones_like(flagged))}
 
 
 @ADAPTIVE_OBJECTIVES.register("end_to_end")
 def end_to_end_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """The task loss after the defense: mask the batch with the straight-through keep-mask, process
     it again, and take the task's attack terms on that output (their weighted sum, to minimise)."""
-    defense = context.defense
+    defense, state = context.defense, context.defense.state
     analysis = context.analysis
-    if defense.threshold is not None:  # the attack sees the ungated analysis: take the defense's own decision
-        flagged = flag(analysis.score, defense.threshold, analysis.extreme_score, defense.extreme_threshold)
+    if state.threshold is not None:  # the attack sees the ungated analysis: take the defense's own decision
+        flagged = flag(analysis.score, state.threshold, analysis.extreme_score, state.extreme_threshold)
         analysis = dataclasses.replace(analysis, flagged=flagged)
-    keep = straight_through_keep_mask(analysis, defense.threshold, extreme_threshold=defense.extreme_threshold)
+    keep = straight_through_keep_mask(analysis, state.threshold, extreme_threshold=state.extreme_threshold)
     masked = apply_mask(context.images, keep, defense.config.fill_value)
     output = context.task.forward(masked)
     terms = context.task.attack_terms(output, context.batch, masked, context.patch_masks, 1.0, context.objective)

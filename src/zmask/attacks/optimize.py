@@ -94,9 +94,9 @@ class PatchAttack:
         needs_defense = config.beta < 1.0 or config.defense_attack is not None
         if needs_defense and defense is None:
             raise ZMaskError("activation-aware (beta < 1) and defense-aware attacks need a fitted ZMask defense")
-        if needs_defense and defense.statistics is None:
+        if needs_defense and defense.state.statistics is None:
             raise ZMaskError("the defense has no statistics: fit or load it first")
-        if config.defense_attack is not None and defense.threshold is None:
+        if config.defense_attack is not None and defense.state.threshold is None:
             raise ZMaskError("defense-aware attacks need the defense's threshold lambda0: calibrate it first")
         if config.objective not in task.objectives:
             raise ConfigError(f"the {task.name} task has no attack objective {config.objective!r}; use one of {task.objectives}")
@@ -169,7 +169,7 @@ class PatchAttack:
         if config.beta < 1.0:
             shallow = {name: activations[name] for name in defense.config.shallow_layers}
             terms["over_activation"] = (1.0 - config.beta, over_activation_loss(
-                shallow, defense.statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
+                shallow, defense.state.statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
         if config.defense_attack is not None:
             analysis = defense.analyze(activations, tuple(placed.images.shape[-2:]), gate=False)
             context = AttackContext(defense, placed.images, placed.masks, output, activations, analysis, self.task, batch, config.objective)

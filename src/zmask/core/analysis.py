@@ -15,10 +15,11 @@ import torch
 
 from ..config import ZMaskConfig
 from ..errors import InputError, NotFittedError
-from .extremes import LayerExtremes, coverage_map, extreme_score
-from .fusion import FusionBlock, fuse_and_score
+from .extremes import coverage_map, extreme_score
+from .fusion import fuse_and_score
 from .masking import keep_mask, patch_mask
 from .refinement import LayerRefiner
+from .state import FittedState
 from .statistics import LayerStatistics
 
 
@@ -83,6 +84,9 @@ def compute_heatmaps(
     for name in config.layers:
         if name not in activations:
             raise InputError(f"no activation was captured for layer {name!r}")
+        if name not in statistics:
+            raise InputError(f"the statistics have no layer {name!r} (they cover {sorted(statistics)}): the configuration "
+                             "and the fitted state or profile belong to different fits")
         activation, stats = activations[name], statistics[name]
         if activation.dim() != 4:
             raise InputError(f"layer {name!r} gives a {activation.dim()}-D output of shape {tuple(activation.shape)}; "
@@ -107,26 +111,39 @@ def flag(score: torch.Tensor, threshold: float, extreme: torch.Tensor | None = N
 
 
 def analyze(
-    activations: Mapping[str, torch.Tensor], statistics: Mapping[str, LayerStatistics] | None, fusion: FusionBlock,
-    config: ZMaskConfig, refiner: LayerRefiner, threshold: float | None, input_size: tuple[int, int], gate: bool = True,
-    per_layer: bool = False, extremes: Mapping[str, LayerExtremes] | None = None, extreme_threshold: float | None = None,
+    activations: Mapping[str, torch.Tensor], state: FittedState, config: ZMaskConfig, refiner: LayerRefiner,
+    input_size: tuple[int, int], gate: bool = True, per_layer: bool = False,
 ) -> Analysis:
-    """Heatmaps -> fusion block -> soft mask and score -> flag (``score > threshold``, or every image
-    with ``gate=False``). Differentiable up to the scores; the flag and masks are not.
+    """Heatmaps -> fusion block -> soft mask and score -> flag (``score > state.threshold``, or every
+    image with ``gate=False``). Differentiable up to the scores; the flag and masks are not.
 
-    With ``extremes`` (clean statistics of channel maxima) the extreme score and the coverage are
-    computed too, and with ``extreme_threshold`` an image is also flagged when its extreme score
-    exceeds it."""
-    if statistics is None:
+    With ``state.extremes`` (clean statistics of channel maxima) the extreme score and the coverage
+    are computed too, and with ``state.extreme_threshold`` an image is also flagged when its extreme
+    score exceeds it. A score that is not finite (an input far outside the fitted range, say) is an
+    ``InputError``, never "not flagged"."""
+    if state.statistics is None:
         raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
+    device = next(iter(activations.values())).device
+    state = state.on_device(device)
+    statistics, extremes = state.statistics, state.extremes
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
-    soft, score = fuse_and_score(fusion, heatmaps.shallow, heatmaps.deep, config.score)
+    soft, score = fuse_and_score(state.fusion, heatmaps.shallow, heatmaps.deep, config.score)
     hyper = extreme_score(activations, extremes) if extremes else None
     coverage = coverage_map(activations, extremes) if extremes and config.extreme_mask else None
+    _check_finite(score, hyper)
     if gate:
-        if threshold is None:
+        if state.threshold is None:
             raise NotFittedError("the threshold lambda0 is not set: call calibrate(...) or pass gate=False")
-        flagged = flag(score, threshold, hyper, extreme_threshold)
+        flagged = flag(score, state.threshold, hyper, state.extreme_threshold)
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
     return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation, hyper, coverage)
+
+
+def _check_finite(score: torch.Tensor, extreme: torch.Tensor | None) -> None:
+    """Refuse NaN/Inf scores: ``NaN > lambda0`` is False, which would pass an image as clean."""
+    values = score.detach() if extreme is None else torch.cat([score.detach().flatten(), extreme.detach().flatten()])
+    if not bool(torch.isfinite(values).all()):
+        bad = (~torch.isfinite(score.detach())).nonzero().flatten().tolist()
+        raise InputError(f"the detection score is not finite for images {bad or 'of the batch'}: the input is far outside the range "
+                         "the model was fitted on (images must be finite, RGB in [0, 1])")

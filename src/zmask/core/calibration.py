@@ -30,6 +30,19 @@ def _as_scores(values, name: str) -> np.ndarray:
     return array
 
 
+def roc_auc(clean_scores, patched_scores) -> float:
+    """Area under the ROC curve of clean (negative) vs patched (positive) scores (sequences, arrays
+    or tensors); nan when either side is empty. The one AUC of the project: calibration, the
+    evaluation reports, their bootstrap intervals and the layer evidence all call it."""
+    from sklearn.metrics import roc_auc_score
+
+    clean = np.asarray(torch.as_tensor(clean_scores).detach().cpu().double().flatten())
+    patched = np.asarray(torch.as_tensor(patched_scores).detach().cpu().double().flatten())
+    if clean.size == 0 or patched.size == 0:
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.zeros(clean.size), np.ones(patched.size)], np.r_[clean, patched]))
+
+
 def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None) -> Calibration:
     """lambda0 such that ``score > lambda0`` flags an attack.
 
@@ -37,7 +50,7 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     the highest TPR whose FPR does not exceed it. The threshold is placed halfway between the
     lowest flagged score and the next lower score, so the strict comparison reproduces the point.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     clean = _as_scores(clean_scores, "clean_scores")
     patched = _as_scores(patched_scores, "patched_scores")
@@ -59,4 +72,4 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
         threshold = float((lowest_flagged + below.max()) / 2) if below.size else float(lowest_flagged) - 1e-12
     flagged_clean = float((clean > threshold).mean())
     flagged_patched = float((patched > threshold).mean())
-    return Calibration(threshold, flagged_patched, flagged_clean, float(roc_auc_score(labels, scores)), criterion)
+    return Calibration(threshold, flagged_patched, flagged_clean, roc_auc(clean, patched), criterion)

@@ -6,10 +6,25 @@ attacks, the command line) call these, so the mask a report shows is the mask th
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+
+
+class MaskEvidence(Protocol):
+    """What the straight-through keep-mask reads of an analysis (:class:`zmask.core.analysis.Analysis`)."""
+
+    soft_mask: torch.Tensor  # B x 1 x h x w, differentiable
+    score: torch.Tensor  # B, differentiable
+    flagged: torch.Tensor  # B bool
+    input_size: tuple[int, int]
+    mask_threshold: float
+    mask_dilation: int
+    extreme_score: torch.Tensor | None
+    coverage: torch.Tensor | None
 
 
 def patch_mask(soft_mask: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
@@ -45,6 +60,32 @@ def keep_mask(soft_mask: torch.Tensor, flagged: torch.Tensor, input_size: tuple[
             masked = torch.maximum(masked, F.interpolate(extra[index].float(), size=tuple(input_size), mode="nearest"))
         keep[index] = 1.0 - dilate_mask(masked, dilation)
     return keep
+
+
+def straight_through_keep_mask(analysis: MaskEvidence, threshold: float | None, gate: bool = True,
+                               extreme_threshold: float | None = None) -> torch.Tensor:
+    """The defense's keep-mask (B x 1 x H x W, 1 = keep) with straight-through gradients.
+
+    Forward: exactly Eq. 4 as the defense applies it - 1[M~ > mask threshold] upsampled (with the
+    channel-extreme coverage when the defense has it), dilated by ``mask_dilation``, only on images
+    that are flagged (every image with ``gate=False``). Backward: the upsampled soft mask M~ stands
+    for the binary mask, and sigmoid(d - lambda0) for the flag - or, with the extreme evidence,
+    1 - (1 - sigmoid(d - lambda0)) (1 - sigmoid(x - lambda_x)) for "either score fires".
+    """
+    size = tuple(analysis.input_size)
+    soft = F.interpolate(analysis.soft_mask, size=size, mode="nearest")
+    hard = (soft.detach() > analysis.mask_threshold).float()
+    if analysis.coverage is not None:
+        hard = torch.maximum(hard, F.interpolate(analysis.coverage.float(), size=size, mode="nearest"))
+    hard = dilate_mask(hard, analysis.mask_dilation)
+    masked = hard + (soft - soft.detach())  # exactly ``hard`` forward, the soft mask's gradient backward
+    if gate and threshold is not None:
+        probability = torch.sigmoid(analysis.score - threshold)
+        if analysis.extreme_score is not None and extreme_threshold is not None:
+            probability = 1 - (1 - probability) * (1 - torch.sigmoid(analysis.extreme_score - extreme_threshold))
+        flag = analysis.flagged.float() + (probability - probability.detach())
+        masked = masked * flag.view(-1, 1, 1, 1)
+    return 1.0 - masked
 
 
 def apply_mask(images: torch.Tensor, keep: torch.Tensor, fill: float | tuple[float, ...] = 0.0) -> torch.Tensor:

@@ -35,9 +35,10 @@ from ..config import ZMaskConfig
 from ..errors import ProfileError, ZMaskError
 from .calibration import Calibration
 from .capture import RepeatPolicy, resolve_modules, run_and_capture
-from .fusion import PARAMETER_NAMES
+from .fusion import PARAMETER_NAMES, FusionBlock
 from .extremes import LayerExtremes
-from .statistics import LayerStatistics
+from .state import FittedState
+from .statistics import MIN_STD, LayerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ MAX_PROFILE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Schema bounds (see load_profile).
 MAX_INPUT_PIXELS = 4096 * 4096  # fitted input size H x W
+# The blank image that checks a profile against a model (check_model_fits) has at most this many
+# pixels: larger fitted sizes are probed at a power-of-two fraction (channel counts do not depend on it).
+MAX_PROBE_PIXELS = 1024 * 1024
 MAX_LAYER_CHANNELS = 1 << 16
 MAX_STATISTIC = 1e8  # |mu| and sigma; larger values overflow float32 heatmaps
 EXTREME_KINDS = ("mean", "std", "upper")  # the tensors of a layer's channel-extreme statistics
@@ -70,20 +74,19 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Profile:
-    """A fitted defense's state, as stored in a profile file."""
+    """What a profile file holds: the configuration, the fitted state (statistics set), and the
+    model it was fitted on (class name and a fingerprint of its weights)."""
 
     config: ZMaskConfig
-    statistics: dict[str, LayerStatistics]
-    fusion: dict[str, float]
-    threshold: float | None = None
-    calibration: dict[str, Any] | None = None
-    input_size: tuple[int, int] | None = None
+    state: FittedState
     model_class: str = ""
     weights_sha256: dict[str, str] | None = None  # dtype name -> weights_fingerprint(model, dtype); None: not recorded
-    extremes: dict[str, LayerExtremes] | None = None  # channel-maxima statistics of config.extreme_layers
-    extreme_threshold: float | None = None
-    extreme_calibration: dict[str, Any] | None = None
-    provenance: dict[str, Any] | None = None  # how it was fitted: data sizes, options, layer-selection evidence (JSON)
+
+    @property
+    def statistics(self) -> dict[str, LayerStatistics]:
+        if self.state.statistics is None:
+            raise ProfileError("a profile needs fitted statistics")
+        return self.state.statistics
 
     @property
     def layers(self) -> dict[str, int]:
@@ -93,13 +96,14 @@ class Profile:
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
     """Write ``profile`` to ``path`` (a ``.safetensors`` file)."""
+    state = profile.state
     tensors: dict[str, torch.Tensor] = {}
     for name, stats in profile.statistics.items():
         tensors[f"statistics/{name}/mean"] = stats.mean.detach().float().cpu().contiguous()
         tensors[f"statistics/{name}/std"] = stats.std.detach().float().cpu().contiguous()
-    for name, value in profile.fusion.items():
+    for name, value in state.fusion.values().items():
         tensors[f"fusion/{name}"] = torch.tensor([value], dtype=torch.float32)
-    for name, extremes in (profile.extremes or {}).items():
+    for name, extremes in (state.extremes or {}).items():
         for kind in EXTREME_KINDS:
             tensors[f"extremes/{name}/{kind}"] = getattr(extremes, kind).detach().float().cpu().contiguous()
     metadata = {
@@ -108,23 +112,27 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         "zmask_version": __version__,
         "config": json.dumps(profile.config.to_dict()),
         "layers": json.dumps(profile.layers),
-        "threshold": json.dumps(profile.threshold),
-        "calibration": json.dumps(profile.calibration),
-        "input_size": json.dumps(profile.input_size),
+        "threshold": json.dumps(state.threshold),
+        "calibration": json.dumps(_record(state.calibration)),
+        "input_size": json.dumps(state.input_size),
         "model_class": profile.model_class,
         "tensors_sha256": _tensor_digest(tensors),
     }
     if profile.weights_sha256 is not None:
         metadata["weights_sha256"] = json.dumps(profile.weights_sha256)
-    if profile.provenance is not None:
-        metadata["provenance"] = json.dumps(profile.provenance)
-    if profile.extremes:
-        metadata["extreme_threshold"] = json.dumps(profile.extreme_threshold)
-        metadata["extreme_calibration"] = json.dumps(profile.extreme_calibration)
+    if state.provenance is not None:
+        metadata["provenance"] = json.dumps(state.provenance)
+    if state.extremes:
+        metadata["extreme_threshold"] = json.dumps(state.extreme_threshold)
+        metadata["extreme_calibration"] = json.dumps(_record(state.extreme_calibration))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def _record(calibration: Calibration | None) -> dict[str, Any] | None:
+    return dataclasses.asdict(calibration) if calibration is not None else None
 
 
 def read_profile(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -227,8 +235,11 @@ class _ProfileSchema:
         extremes = {name: self.layer_extremes(name, layers[name]) for name in config.extreme_layers} or None
         extreme_threshold = self.json_field("extreme_threshold", required=False)
         extreme_threshold = None if extreme_threshold is None else self.number(extreme_threshold, "extreme_threshold")
-        return Profile(config, statistics, fusion, threshold, self.calibration(), input_size, self.text("model_class"),
-                       self.weights(), extremes, extreme_threshold, self.calibration("extreme_calibration"), self.provenance())
+        fusion_block = FusionBlock()
+        fusion_block.load_values(fusion)
+        state = FittedState(statistics, fusion_block, threshold, self.calibration(), None, extremes, extreme_threshold,
+                            self.calibration("extreme_calibration"), input_size, self.provenance())
+        return Profile(config, state, self.text("model_class"), self.weights())
 
     def provenance(self) -> dict[str, Any] | None:
         if len(self.metadata.get("provenance", "")) > MAX_PROVENANCE:
@@ -298,12 +309,13 @@ class _ProfileSchema:
         std = self.tensor(f"statistics/{name}/std", shape)
         if mean.abs().max() > MAX_STATISTIC:
             raise self.fail(f"statistics/{name}/mean", f"holds |mu| = {float(mean.abs().max()):.3g}, more than {MAX_STATISTIC:g}")
-        if std.min() < 0 or std.max() > MAX_STATISTIC:
-            raise self.fail(f"statistics/{name}/std", f"must lie in [0, {MAX_STATISTIC:g}], holds [{float(std.min()):.3g}, {float(std.max()):.3g}]")
-        if not std.any():
-            # A single dead channel has sigma 0 (eps + std_floor > 0 keeps its z-score finite); a
-            # layer without any variation on clean data cannot have been fitted.
-            raise self.fail(f"statistics/{name}/std", "is zero for every channel")
+        if std.min() < MIN_STD or std.max() > MAX_STATISTIC:
+            # Fitting stores a channel that is constant on the clean data with sigma = MIN_STD
+            # (zmask.core.statistics), so a smaller sigma was not written by a fit.
+            raise self.fail(f"statistics/{name}/std", f"must lie in [{MIN_STD:g}, {MAX_STATISTIC:g}] (a fit stores constant "
+                            f"channels at {MIN_STD:g}), holds [{float(std.min()):.3g}, {float(std.max()):.3g}]")
+        if not bool((std > MIN_STD).any()):
+            raise self.fail(f"statistics/{name}/std", "is constant for every channel: no layer without variation on clean data can have been fitted")
         return LayerStatistics(mean, std)
 
     def layer_extremes(self, name: str, channels: int) -> LayerExtremes:
@@ -318,7 +330,7 @@ class _ProfileSchema:
     def fusion_value(self, name: str) -> float:
         return float(self.tensor(f"fusion/{name}", (1,))[0])
 
-    def calibration(self, field_name: str = "calibration") -> dict[str, Any] | None:
+    def calibration(self, field_name: str = "calibration") -> Calibration | None:
         value = self.json_field(field_name, required=False)
         if value is None:
             return None
@@ -336,7 +348,7 @@ class _ProfileSchema:
             record[key] = self.number(value[key], f"{field_name}.{key}")
             if key != "threshold" and not 0.0 <= record[key] <= 1.0:
                 raise self.fail(f"{field_name}.{key}", f"must lie in [0, 1], got {record[key]}")
-        return record
+        return Calibration(**record)
 
     def weights(self) -> dict[str, str] | None:
         value = self.json_field("weights_sha256", required=False)
@@ -404,6 +416,17 @@ def check_weights(profile: Profile, model: torch.nn.Module, path: str | Path, al
     )
 
 
+def probe_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    """The fitted size, halved until it has at most ``MAX_PROBE_PIXELS`` pixels (bounds the cost of
+    checking a crafted profile with a huge ``input_size``; halving keeps the strides' multiples)."""
+    height, width = input_size
+    while height * width > MAX_PROBE_PIXELS and height % 2 == 0 and width % 2 == 0:
+        height, width = height // 2, width // 2
+    while height * width > MAX_PROBE_PIXELS:
+        height, width = max(1, height // 2), max(1, width // 2)
+    return height, width
+
+
 def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path, on_repeat: RepeatPolicy = "error") -> None:
     """Fail with ``ProfileError`` unless ``model`` has the profile's layers with the recorded channel
     counts (one blank image of the fitted input size is run through it)."""
@@ -411,14 +434,16 @@ def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path,
         resolve_modules(model, profile.config.layers)
     except ValueError as error:
         raise ProfileError(f"profile {path} does not fit this model: {error}") from None
-    if not profile.input_size:
+    input_size = profile.state.input_size
+    if not input_size:
         return
+    probe_size = probe_input_size(input_size)
     try:
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
-    probe = torch.zeros(1, profile.config.in_channels, *profile.input_size, device=device, dtype=dtype)
+    probe = torch.zeros(1, profile.config.in_channels, *probe_size, device=device, dtype=dtype)
     was_training = model.training
     model.eval()
     try:
@@ -428,7 +453,7 @@ def check_model_fits(profile: Profile, model: torch.nn.Module, path: str | Path,
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ProfileError(
             f"profile {path} does not fit this model: it fails on a blank 1 x {profile.config.in_channels} x "
-            f"{profile.input_size[0]} x {profile.input_size[1]} image (fields 'config.in_channels', 'input_size'): {first_line}"
+            f"{probe_size[0]} x {probe_size[1]} image (fields 'config.in_channels', 'input_size'): {first_line}"
         ) from None
     finally:
         model.train(was_training)

@@ -12,6 +12,13 @@ from ..errors import InputError
 Estimator = Literal["reference", "pooled"]
 
 
+#: The sigma a fit stores for a channel that is constant on the clean data (a "dead" channel). Far
+#: below float32's resolution of ``eps``, it leaves every Z-score as it was (``max(sigma, std_floor)
+#: + eps`` rounds to the same value), and it lets a profile's loader refuse any sigma that is zero,
+#: negative or subnormal: no fit writes one.
+MIN_STD = 1e-20
+
+
 def resize_nearest(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """R(.): legacy nearest resize of a B x C x h x w activation to the heatmap size, as float32."""
     activation = activation.float()
@@ -169,7 +176,7 @@ class StatisticsAccumulator:
             else:
                 count, mean, m2 = values
                 std = (m2 / (count - 1).clamp(min=1)).sqrt()
-            result[name] = LayerStatistics(mean.float(), std.float())
+            result[name] = LayerStatistics(mean.float(), std.float().clamp(min=MIN_STD))
         return result
 
     def _combine(self, first: list[torch.Tensor], second: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
+from ..validation import check_limit
 from .io import read_image
 
 MAX_ANNOTATION_BYTES = 2 * 1024**3
@@ -27,6 +28,7 @@ class CocoDetection(Dataset):
     def __init__(
         self, images: str | Path, annotations: str | Path, patch_category: str | int | None = None, limit: int | None = None
     ) -> None:
+        limit = check_limit(limit)
         self.images, self.annotation_file = Path(images), Path(annotations)
         if not self.annotation_file.is_file():
             raise ZMaskError(f"COCO annotation file {self.annotation_file} does not exist")
@@ -111,7 +113,7 @@ class LetterboxedDetection(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..models.yolov5 import letterbox
+        from .letterbox import letterbox
 
         item = dict(self.dataset[index])
         image, geometry = letterbox(item["image"], self.size, auto=False)

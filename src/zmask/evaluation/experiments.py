@@ -3,6 +3,7 @@ sweep (Fig. 7), defense-aware alpha sweep (Fig. 9), with reports written to a fo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import time
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from .._version import __version__
 from ..attacks import PhysicalConditions
 from ..contracts import Defense, Task
+from ..core.calibration import roc_auc
 from ..defense import ZMask
 from ..distributed import rank_and_world
 from .defenses import NoDefense, ZMaskDefense, report_rows
@@ -41,14 +43,6 @@ class ExperimentSpec:
     examples: int = 2
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     physical: PhysicalConditions | None = None
-
-
-def _auc(clean: list[float], patched: list[float]) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if not clean or not patched:
-        return None
-    return float(roc_auc_score([0] * len(clean) + [1] * len(patched), clean + patched))
 
 
 class _SettingCache:
@@ -120,7 +114,7 @@ def run_experiments(
             if name in clean_scores:
                 clean = table["no patch"][name]
                 detection[setting][name] = {
-                    "auc": _auc(clean_scores[name], metrics.scores),
+                    "auc": roc_auc(clean_scores[name], metrics.scores),
                     "tpr": sum(metrics.flagged) / len(metrics.flagged) if metrics.flagged else None,
                     "fpr": (sum(clean.flagged) / len(clean.flagged)) if clean.flagged else None,
                     "auc_ci": boot.auc_interval(clean.scores, metrics.scores),
@@ -128,7 +122,7 @@ def run_experiments(
                 }
     results["detection"] = detection
     results["operating_point"] = {
-        "threshold": zmask.threshold, "calibration": dict(zmask.calibration.__dict__) if zmask.calibration is not None else None,
+        "threshold": zmask.state.threshold, "calibration": dataclasses.asdict(zmask.state.calibration) if zmask.state.calibration is not None else None,
         "evaluation": {"clean_flag_rate": results["masking"]["no patch"].get(ZMaskDefense.name, {}).get("flag_rate"),
                        "clean_flag_rate_ci": results["masking"]["no patch"].get(ZMaskDefense.name, {}).get("flag_rate_ci"),
                        "tpr": {s: row.get(ZMaskDefense.name, {}).get("tpr") for s, row in detection.items()}},
@@ -141,7 +135,7 @@ def run_experiments(
         betas = sorted(spec.beta_patches)
         sweep = cache.run([PatchSetting(f"beta={b}", spec.beta_patches[b]) for b in betas], all_defenses)
         results["beta_sweep"] = {
-            str(b): {d: {**m.summary(), "auc": _auc(clean_scores.get(d, []), m.scores),
+            str(b): {d: {**m.summary(), "auc": roc_auc(clean_scores.get(d, []), m.scores),
                          "auc_ci": boot.auc_interval(table["no patch"][d].scores, m.scores) if d in clean_scores else None}
                      for d, m in sweep[f"beta={b}"].items()} for b in betas
         }
@@ -167,7 +161,7 @@ def run_experiments(
         examples_figure(output / "examples.png", _examples(dataset, zmask, spec), task)
     results["seconds"] = time.time() - started
     meta = {"zmask_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "seed": spec.seed, "world_size": world, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.threshold}
+            "seed": spec.seed, "world_size": world, "configuration": configuration or {}, "zmask_config": zmask.config.to_dict(), "threshold": zmask.state.threshold}
     if primary:
         write_json(output / "results.json", {"meta": meta, "results": results})
         (output / "summary.md").write_text(summary_markdown(results, meta))

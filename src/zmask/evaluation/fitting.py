@@ -142,12 +142,12 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
         "target_fpr": plan.target_fpr, "hard_negatives": plan.hard_negatives,
         "mask_threshold": defense.config.mask_threshold, "calibrate_mask": plan.calibrate_mask,
-        "calibration_mask_iou": defense.calibration_mask_iou,
+        "calibration_mask_iou": defense.state.calibration_mask_iou,
         "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
     }
     if selection is not None:
         report["layer_selection"] = selection.to_dict()
-    defense.provenance = {"fit": report}
+    defense.state.provenance = {"fit": report}
     logger.info("fitted Z-Mask: statistics on %d images, fusion block on %d (loss %.4f -> %.4f), lambda0 %.4f on %d",
                 len(statistics_set), len(fusion_set), history[0], history[-1], calibration.threshold, len(calibration_set))
     return defense, report

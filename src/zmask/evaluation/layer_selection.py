@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..config import ZMaskConfig
+from ..core.calibration import roc_auc
 from ..core.capture import ActivationCapture
 from ..core.refinement import LayerRefiner
 from ..core.statistics import resize_nearest
@@ -115,7 +116,6 @@ def layer_evidence(
     then the SPR heatmap (the shallow kernels) of held-out ``clean`` images and of ``patched``
     (images, masks) batches; the clean images should not be statistics images (their Z-scores
     would look cleaner than any new image's). ``layers_at_once`` bounds the activations held."""
-    from sklearn.metrics import roc_auc_score
 
     layers = list(dict.fromkeys(layers))
     if not layers:
@@ -142,7 +142,7 @@ def layer_evidence(
                     activation = capture.activations[layer]
                     shapes[layer] = tuple(activation.shape[1:])
                     started = time.perf_counter()
-                    heatmap = refiner.heatmaps(activation, defense.statistics[layer], {"S": config.shallow_kernels})["S"]
+                    heatmap = refiner.heatmaps(activation, defense.state.statistics[layer], {"S": config.shallow_kernels})["S"]
                     seconds[layer] += time.perf_counter() - started
                     for peak, positive in zip(heatmap.flatten(1).amax(1).tolist(), has_patch):
                         peaks[layer]["patched" if positive else "clean"].append(peak)
@@ -155,8 +155,7 @@ def layer_evidence(
     evidence = []
     for layer in layers:
         clean_peaks, patched_peaks = peaks[layer]["clean"], peaks[layer]["patched"]
-        labels = [0] * len(clean_peaks) + [1] * len(patched_peaks)
-        auc = float(roc_auc_score(labels, clean_peaks + patched_peaks)) if clean_peaks and patched_peaks else float("nan")
+        auc = roc_auc(clean_peaks, patched_peaks)
         ratio = float(sum(contrast[layer]) / len(contrast[layer])) if contrast[layer] else float("nan")
         evidence.append(LayerEvidence(layer, shapes[layer], auc, ratio, 1e3 * seconds[layer] / max(images_seen, 1)))
     return evidence

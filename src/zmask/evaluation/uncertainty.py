@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..contracts import ResamplableMetric
+from ..core.calibration import roc_auc
 from ..errors import ConfigError
 from .runner import DefenseMetrics
 
@@ -46,15 +47,6 @@ def percentile_interval(values: Sequence[float], confidence: float) -> list[floa
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(finite, [tail, 100.0 - tail])
     return [float(low), float(high)]
-
-
-def roc_auc(clean: np.ndarray, patched: np.ndarray) -> float:
-    """Area under the ROC curve of clean (negative) vs patched (positive) scores; nan if one side is empty."""
-    from sklearn.metrics import roc_auc_score
-
-    if clean.size == 0 or patched.size == 0:
-        return float("nan")
-    return float(roc_auc_score(np.r_[np.zeros(clean.size), np.ones(patched.size)], np.r_[clean, patched]))
 
 
 def recovery(defended: float, attacked: float, clean: float) -> float:

@@ -25,10 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..core.masking import dilate_mask
+from ..core.masking import straight_through_keep_mask
 from ..defense import ZMask
 from ..errors import ConfigError, NotFittedError, ZMaskError, ZMaskTypeError
 from ..evaluation.fitting import FitPlan, fit_zmask
@@ -100,18 +99,12 @@ class ZMaskPreprocessor(PreprocessorPyTorch):
     ``y`` is returned unchanged.
 
     Backward (``gradient="straight_through"``, the default): both thresholds of Eq. 4 are replaced by
-    straight-through estimates, so that gradient-based (BPDA-style) ART attacks see the defense:
-    with the soft mask ``S = dilate(upsample(M~))`` (nearest upsampling, the mask dilation as a max
-    filter), the flag ``f = 1[d > lambda0]``, the patch mask ``P = dilate(upsample(1[M~ > t]))`` and
-    the fill value ``c``,
-
-        dM/dx = -(sigmoid'(d - lambda0) * P * dd/dx + f * dS/dx)
-        d(x_masked)/dx = diag(M) + (x - c) * dM/dx
-
-    i.e. ``1[M~ > t]`` passes the gradient of ``M~`` through unchanged and ``1[d > lambda0]`` the
-    gradient of ``sigmoid(d - lambda0)`` (the surrogate of the Flag-Attack); with ``gate=False`` every
-    image is masked and ``f = 1`` has no gradient. ``dd/dx`` and ``dS/dx`` are exact (the analysis is
-    differentiable end to end). The forward values are never changed by the estimate.
+    straight-through estimates, so that gradient-based (BPDA-style) ART attacks see the defense.
+    This is the same keep-mask the project's own end-to-end attack differentiates,
+    :func:`zmask.core.masking.straight_through_keep_mask`: the upsampled soft mask ``M~`` stands for
+    ``1[M~ > t]`` and ``sigmoid(d - lambda0)`` for the flag ``1[d > lambda0]`` (with the
+    channel-extreme evidence, "either score fires"); with ``gate=False`` every image is masked and
+    the flag has no gradient. The forward values are never changed by the estimate.
     ``gradient="identity"`` is ART's default BPDA instead: ``d(x_masked)/dx = I``.
 
     The analysis runs with the model in eval mode (each module's mode is given back). ``gate=False``
@@ -150,28 +143,17 @@ class ZMaskPreprocessor(PreprocessorPyTorch):
         images = check_images(x_nchw, self.defense.config.in_channels, "x").to(device=device, dtype=dtype)
         with _eval_mode(self.defense.model):
             _, activations = self.defense.capture(images)
-        analysis = self.defense.analyze(activations, tuple(images.shape[-2:]), self.gate)
-        keep = analysis.keep_mask
+        analysis = self.defense.analyze(activations, (int(images.shape[-2]), int(images.shape[-1])), self.gate)
         if self.gradient == "straight_through" and torch.is_grad_enabled() and images.requires_grad:
-            keep = keep + self._keep_mask_gradient(analysis)
+            state = self.defense.state
+            keep = straight_through_keep_mask(analysis, state.threshold, self.gate, state.extreme_threshold)
+        else:
+            keep = analysis.keep_mask
         masked = self.defense.apply_mask(images, keep)
         if self.gradient == "identity":
             masked = images + (masked - images).detach()
         masked = masked.to(dtype=x.dtype, device=x.device)
         return (masked if self.channels_first else masked.permute(0, 2, 3, 1)), y
-
-    def _keep_mask_gradient(self, analysis: Any) -> torch.Tensor:
-        """Zero in value, with the straight-through gradient of the keep-mask (see the class docstring)."""
-        config = self.defense.config
-        soft = dilate_mask(F.interpolate(analysis.soft_mask, size=analysis.input_size, mode="nearest"), config.mask_dilation)
-        flagged = analysis.flagged.to(soft.dtype).view(-1, 1, 1, 1)
-        surrogate = flagged * soft
-        if self.gate:
-            hard = dilate_mask(analysis.patch_mask, config.mask_dilation)
-            gate = torch.sigmoid(analysis.score - float(self.defense.threshold)).view(-1, 1, 1, 1)
-            surrogate = surrogate + gate * hard
-        surrogate = -surrogate
-        return surrogate - surrogate.detach()
 
 
 class _Images(Dataset):
@@ -238,13 +220,13 @@ class ZMaskDetector(EvasionDetector):
             plan = dataclasses.replace(plan, fusion=dataclasses.replace(plan.fusion, epochs=nb_epochs))
         with _eval_mode(self.defense.model):
             self.defense, self.fit_report = fit_zmask(self.defense.model, self.defense.config, _Images(images), patch_tensors, plan, progress)
-        logger.info("ZMaskDetector fitted on %d images: lambda0 = %.6g", images.shape[0], self.defense.threshold)
+        logger.info("ZMaskDetector fitted on %d images: lambda0 = %.6g", images.shape[0], self.defense.state.threshold)
 
     def detect(self, x: Any, batch_size: int = 128, **kwargs: Any) -> tuple[dict[str, Any], np.ndarray]:
         """(report with scores, threshold and patch masks; ``d > lambda0`` per image as a bool array)."""
         if kwargs:
             raise ConfigError(f"unknown detect options {sorted(kwargs)}")
-        if self.defense.threshold is None:
+        if self.defense.state.threshold is None:
             raise NotFittedError("the detector is not fitted: call fit(x, patches=...) or wrap a ZMask loaded from a profile")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
@@ -256,5 +238,5 @@ class ZMaskDetector(EvasionDetector):
                 scores.append(analysis.score.float().cpu())
                 flags.append(analysis.flagged.cpu())
                 masks.append(analysis.patch_mask[:, 0].bool().cpu())
-        report = {"score": torch.cat(scores).numpy(), "threshold": float(self.defense.threshold), "patch_mask": torch.cat(masks).numpy()}
+        report = {"score": torch.cat(scores).numpy(), "threshold": float(self.defense.state.threshold), "patch_mask": torch.cat(masks).numpy()}
         return report, torch.cat(flags).numpy()

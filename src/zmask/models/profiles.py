@@ -66,7 +66,7 @@ class ProfileRecord:
 
 ESPNET_CAMVID_PROFILE = ProfileRecord(
     "espnet_camvid.safetensors",
-    "a73e9c8877d09edbcb7aac360014ac3f778aaf49d074781b4beefe86600ee3c9",
+    "15719b463eaccfc64a847c8b9f4d506bc49b2222ecf6c38882633e7507037e4d",
     "CamVid train (SegNet split, 360x480): clean statistics on 120 images, the fusion block on 120 others with the six "
     "committed L patches (beta 0.5-1.0, src/zmask/patches/espnet_camvid_L_beta*.png), lambda0 by ROC on 80 more; seed 0",
     {

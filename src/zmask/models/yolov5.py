@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from ..assets import asset_path
+from ..data.letterbox import Letterbox, letterbox, scale_boxes  # noqa: F401 - re-exported here for earlier imports
 from ..errors import AssetError, ZMaskError
 from .espnet import load_state_dict_file
 
@@ -176,44 +175,6 @@ def _build(config: dict[str, Any]) -> tuple[list[nn.Module], list[Any], set[int]
     return layers, sources, saved
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """How an image was letterboxed: scale ``gain`` and float half-paddings (``pad_w``, ``pad_h``)."""
-
-    gain: float
-    pad_w: float
-    pad_h: float
-    original_size: tuple[int, int]
-
-
-def letterbox(
-    image: torch.Tensor, new_shape: int | tuple[int, int] = 640, auto: bool = True, scaleup: bool = True, stride: int = 32
-) -> tuple[torch.Tensor, Letterbox]:
-    """Resize keeping the aspect ratio and pad with gray 114 (upstream's rules; RGB in [0, 1]).
-
-    The bilinear resize (no antialiasing) matches OpenCV's INTER_LINEAR; the result is quantised to
-    8-bit levels as an OpenCV uint8 image would be.
-    """
-    if isinstance(new_shape, int):
-        new_shape = (new_shape, new_shape)
-    height, width = image.shape[-2:]
-    ratio = min(new_shape[0] / height, new_shape[1] / width)
-    if not scaleup:
-        ratio = min(ratio, 1.0)
-    new_w, new_h = round(width * ratio), round(height * ratio)
-    pad_w, pad_h = new_shape[1] - new_w, new_shape[0] - new_h
-    if auto:
-        pad_w, pad_h = pad_w % stride, pad_h % stride
-    pad_w, pad_h = pad_w / 2, pad_h / 2
-    if (width, height) != (new_w, new_h):
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        image = (image * 255).round().clamp(0, 255) / 255
-    top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
-    left, right = round(pad_w - 0.1), round(pad_w + 0.1)
-    image = F.pad(image, (left, right, top, bottom), value=114 / 255)
-    return image, Letterbox(ratio, pad_w, pad_h, (height, width))
-
-
 def non_max_suppression(
     decoded: torch.Tensor, conf_threshold: float = 0.25, iou_threshold: float = 0.45, max_det: int = 1000, multi_label: bool = False
 ) -> list[torch.Tensor]:
@@ -238,14 +199,6 @@ def non_max_suppression(
         keep = torchvision.ops.nms(detections[:, :4] + detections[:, 5:6] * _MAX_WH, detections[:, 4], iou_threshold)
         results.append(detections[keep[:max_det]])
     return results
-
-
-def scale_boxes(boxes: torch.Tensor, geometry: Letterbox) -> torch.Tensor:
-    """Letterboxed-input xyxy boxes -> original image pixels (clipped)."""
-    boxes = boxes.clone()
-    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - geometry.pad_w) / geometry.gain).clamp(0, geometry.original_size[1])
-    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - geometry.pad_h) / geometry.gain).clamp(0, geometry.original_size[0])
-    return boxes
 
 
 class YOLOv5Detector(nn.Module):

@@ -178,7 +178,7 @@ class DetectionTask:
     def update_metric(self, accumulator: CocoEvaluator, output: list[dict[str, torch.Tensor]], batch: Mapping[str, Any],
                       patch_masks: torch.Tensor) -> None:
         """COCO scoring in original-image pixels (patch pixels cannot be left out of box metrics)."""
-        from ..models.yolov5 import scale_boxes
+        from ..data.letterbox import scale_boxes
 
         mapped = []
         geometries = batch.get("letterbox") or [None] * len(output)
