@@ -26,7 +26,8 @@ def test_torchvision_presets_build_run_and_name_real_layers(name):
     if preset.task == "detection":
         assert isinstance(output, list) and set(output[0]) >= {"boxes", "labels", "scores"}
     else:
-        assert output.shape[:2] == (1, preset.num_classes) and output.shape[-2:] == preset.input_size
+        outputs = len(preset.label_map) if preset.label_map else preset.num_classes  # a label map scores K outputs as its classes
+        assert output.shape[:2] == (1, outputs) and output.shape[-2:] == preset.input_size
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL))

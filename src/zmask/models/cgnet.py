@@ -177,7 +177,7 @@ class CGNet(nn.Module):
         for block in self.level3:
             stage3 = block(stage3)
         stage3 = self.bn_prelu_3(torch.cat([down3, stage3], 1))
-        return F.interpolate(self.classifier(stage3), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return F.interpolate(self.classifier(stage3), size=(int(x.shape[-2]), int(x.shape[-1])), mode="bilinear", align_corners=False)
 
 
 class CGNetSegmenter(nn.Module):
@@ -186,6 +186,8 @@ class CGNetSegmenter(nn.Module):
     ``x = 255 * rgb - mean_bgr`` channel by channel in RGB position (upstream's order quirk; no
     std, no /255). Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``.
     """
+
+    mean: torch.Tensor
 
     def __init__(self, classes: int = len(CGNET_CAMVID_CLASSES), mean: tuple[float, float, float] = CGNET_CAMVID_MEAN_BGR) -> None:
         super().__init__()
@@ -214,3 +216,30 @@ def cgnet(pretrained: bool = True, weights_path: str | Path | None = None) -> CG
             raise AssetError(f"{path} is not a CGNet checkpoint (expected tensors, or a dict with a 'model' state dict)")
         model.net.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _register() -> None:
+    from ..data.camvid import CAMVID_IGNORE_INDEX
+    from ..tasks import SegmentationTask
+    from .edgenets import CAMVID_MEAN_RGB
+    from .presets import MASK_DILATION, ModelPreset, _camvid, register_preset
+
+    register_preset(ModelPreset(
+        "cgnet_camvid", SegmentationTask.name,
+        "CGNet M3N21 trained on CamVid train+val (project definition, upstream weights); CamVid val was in its training "
+        "set, so its val scores are optimistic (upstream CamVid val mIoU 0.857)",
+        lambda pretrained: cgnet(pretrained=pretrained), (360, 480),
+        # ARCHITECTURES_more.md part K, by analogy with espnet_camvid (CGNet has the same stage layout):
+        # stage-1 output with the image (1/2), stage-2 output with the image (1/4) and the stage-3
+        # down-sampler (1/8) as S; the classifier input (1/8) as context in D.
+        ("net.b1", "net.bn_prelu_2", "net.level3_0"),
+        ("net.b1", "net.bn_prelu_3", "net.bn_prelu_2"),
+        (90, 120), num_classes=len(CGNET_CAMVID_CLASSES), ignore_index=CAMVID_IGNORE_INDEX, class_names=CGNET_CAMVID_CLASSES,
+        pretrained_source="asset cgnet_camvid",
+        # Not tuned: as espnet_camvid (aligned pooling, the dataset's mean colour as fill, a dilated mask).
+        config_overrides=(("pooling", "same"), ("fill_value", CAMVID_MEAN_RGB), ("mask_dilation", MASK_DILATION)),
+        datasets=_camvid,
+    ))
+
+
+_register()

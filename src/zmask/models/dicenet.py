@@ -19,10 +19,10 @@ from torch import nn
 
 from ..assets import asset_path
 from .edgenets import (
-    BRs, CBRs, EdgeNetsSegmenter, EfficientPWConv, EfficientPyrPool, Shuffle, bilinear_ac, bn_prelu, check_multiple_of_16,
+    EDGENETS_CITYSCAPES_CLASSES, BRs, CBRs, EdgeNetsSegmenter, EfficientPWConv, EfficientPyrPool, Shuffle, bilinear_ac, bn_prelu,
+    check_multiple_of_16,
 )
 from .espnet import load_state_dict_file
-from .espnetv2 import EDGENETS_CITYSCAPES_CLASSES
 
 
 def _resize_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -137,7 +137,7 @@ class DiCENet(nn.Module):
         y = self.eff_pool_32x32(self.bu_br_32x32(self.proj_enc_32x32(e3) + self.upsample(y)))
         y = self.eff_pool_64x64(self.bu_br_64x64(self.proj_enc_64x64(e2) + self.upsample(y)))
         y = self.eff_pool_128x128(self.bu_br_128x128(self.proj_enc_128x128(e1) + self.upsample(y)))
-        return bilinear_ac(y, tuple(x.shape[-2:]))
+        return bilinear_ac(y, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def dicenet(pretrained: bool = True, weights_path: str | Path | None = None) -> EdgeNetsSegmenter:
@@ -148,3 +148,22 @@ def dicenet(pretrained: bool = True, weights_path: str | Path | None = None) -> 
         path = weights_path if weights_path is not None else asset_path("dicenet_cityscapes")
         model.net.load_state_dict(load_state_dict_file(path, "DiCENet-Cityscapes"), strict=True)
     return model.eval()
+
+
+def _register() -> None:
+    from .edgenets import cityscapes_on_camvid_preset
+    from .presets import register_preset
+
+    register_preset(cityscapes_on_camvid_preset(
+        "dicenet_camvid",
+        "DiCENet s=1.75 trained on Cityscapes (project definition, upstream weights), evaluated on CamVid through the "
+        "Cityscapes -> CamVid label map, CamVid stretched to 512x1024 as upstream (upstream CamVid val mIoU 0.528)",
+        lambda pretrained: dicenet(pretrained=pretrained), "dicenet_cityscapes",
+        # ARCHITECTURES_more.md part K, by analogy with espnet_camvid: the 1/2 and 1/4 encoder
+        # outputs and the first 1/8 unit as S; the end of encoder level 3 (1/8) as context in D.
+        ("net.base_net.level1", "net.base_net.level2", "net.base_net.level3.0"),
+        ("net.base_net.level1", "net.base_net.level3", "net.base_net.level2"),
+    ))
+
+
+_register()

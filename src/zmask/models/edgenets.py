@@ -11,12 +11,24 @@ BatchNorm eps is PyTorch's default (1e-5) everywhere; every bilinear resize uses
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .presets import ModelPreset
+
+#: The 20 outputs of the Cityscapes weights: trainIds 0..18, then 19 = Cityscapes ignore pixels.
+EDGENETS_CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
+    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "background",
+)
+
 
 #: Scales of the efficient pyramid pooling, in the order of its stages.
 EPP_SCALES = (2.0, 1.5, 1.0, 0.5, 0.1)
@@ -180,6 +192,9 @@ class EdgeNetsSegmenter(nn.Module):
     Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, name: str) -> None:
         super().__init__()
         self.net = net
@@ -193,3 +208,32 @@ class EdgeNetsSegmenter(nn.Module):
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         check_multiple_of_16(rgb, self.model_name)
         return self.net(self.preprocess(rgb))
+
+
+#: The CamVid train split's mean colour (RGB, [0, 1]): the fill of masked pixels, as for espnet_camvid.
+CAMVID_MEAN_RGB = (105.03319368755685 / 255, 108.40886315470783 / 255, 110.33102643430219 / 255)
+
+#: Input size of the Cityscapes-trained EdgeNets presets on CamVid: upstream's own protocol
+#: (480 x 360 stretched to 1024 x 512, the scale the weights were trained at). Measured on every
+#: 5th CamVid val image: mIoU 0.646 (ESPNetv2) / 0.533 (DiCENet) at 512 x 1024 against 0.543 /
+#: 0.455 at 368 x 480, the smallest size with sides that are multiples of 16.
+CAMVID_EDGENETS_INPUT = (512, 1024)
+
+
+def cityscapes_on_camvid_preset(name: str, description: str, build: Callable[[bool], nn.Module], weights_asset: str,
+                                shallow: tuple[str, ...], deep: tuple[str, ...]) -> ModelPreset:
+    """A preset for a Cityscapes-trained EdgeNets segmenter evaluated on CamVid through the declared
+    Cityscapes trainId -> CamVid label map (:data:`zmask.data.camvid.CITYSCAPES_TO_CAMVID`)."""
+    from ..data.camvid import CAMVID_CLASSES, CAMVID_IGNORE_INDEX, CITYSCAPES_TO_CAMVID
+    from ..tasks import SegmentationTask
+    from .presets import MASK_DILATION, ModelPreset, camvid_at
+
+    height, width = CAMVID_EDGENETS_INPUT
+    return ModelPreset(
+        name, SegmentationTask.name, description, build, CAMVID_EDGENETS_INPUT, shallow, deep, (height // 4, width // 4),
+        num_classes=len(CAMVID_CLASSES), ignore_index=CAMVID_IGNORE_INDEX, class_names=CAMVID_CLASSES,
+        pretrained_source=f"asset {weights_asset}",
+        # Not tuned: as espnet_camvid (aligned pooling, the dataset's mean colour as fill, a dilated mask).
+        config_overrides=(("pooling", "same"), ("fill_value", CAMVID_MEAN_RGB), ("mask_dilation", MASK_DILATION)),
+        datasets=camvid_at(CAMVID_EDGENETS_INPUT), label_map=CITYSCAPES_TO_CAMVID, output_classes=EDGENETS_CITYSCAPES_CLASSES,
+    )

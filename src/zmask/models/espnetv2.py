@@ -16,16 +16,10 @@ from torch import nn
 
 from ..assets import asset_path
 from .edgenets import (
-    BRn, CBn, CBRn, EdgeNetsSegmenter, EfficientPWConv, EfficientPyrPool, bilinear_ac, bn_prelu, check_multiple_of_16, up2,
+    EDGENETS_CITYSCAPES_CLASSES, BRn, CBn, CBRn, EdgeNetsSegmenter, EfficientPWConv, EfficientPyrPool, bilinear_ac, bn_prelu,
+    check_multiple_of_16, up2,
 )
 from .espnet import load_state_dict_file
-
-#: The 20 outputs of the Cityscapes weights: trainIds 0..18, then 19 = Cityscapes ignore pixels.
-EDGENETS_CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
-    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "background",
-)
-
 
 def eesp_dilations(r_lim: int, branches: int = 4) -> tuple[int, ...]:
     """Dilations of the EESP branches: kernel sizes 3, 5, 7, 9 with any size above ``r_lim``
@@ -143,7 +137,7 @@ class ESPNetv2(nn.Module):
         y = self.bu_dec_l2(self.bu_br_l2(self.merge_enc_dec_l2(l3) + up2(y)))
         y = self.bu_dec_l3(self.bu_br_l3(self.merge_enc_dec_l3(l2) + up2(y)))
         y = self.bu_dec_l4(self.bu_br_l4(self.merge_enc_dec_l4(l1) + up2(y)))
-        return bilinear_ac(y, tuple(x.shape[-2:]))
+        return bilinear_ac(y, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def espnetv2(pretrained: bool = True, weights_path: str | Path | None = None) -> EdgeNetsSegmenter:
@@ -154,3 +148,22 @@ def espnetv2(pretrained: bool = True, weights_path: str | Path | None = None) ->
         path = weights_path if weights_path is not None else asset_path("espnetv2_cityscapes")
         model.net.load_state_dict(load_state_dict_file(path, "ESPNetv2-Cityscapes"), strict=True)
     return model.eval()
+
+
+def _register() -> None:
+    from .edgenets import cityscapes_on_camvid_preset
+    from .presets import register_preset
+
+    register_preset(cityscapes_on_camvid_preset(
+        "espnetv2_camvid",
+        "ESPNetv2 s=2.0 trained on Cityscapes (project definition, upstream weights), evaluated on CamVid through the "
+        "Cityscapes -> CamVid label map, CamVid stretched to 512x1024 as upstream (upstream CamVid val mIoU 0.637)",
+        lambda pretrained: espnetv2(pretrained=pretrained), "espnetv2_cityscapes",
+        # ARCHITECTURES_more.md part K, by analogy with espnet_camvid: the 1/2, 1/4 and 1/8 encoder
+        # blocks as S; the end of encoder level 3 (1/8) as context in D.
+        ("net.base_net.level1", "net.base_net.level2_0", "net.base_net.level3_0"),
+        ("net.base_net.level1", "net.base_net.level3.2", "net.base_net.level2_0"),
+    ))
+
+
+_register()

@@ -44,7 +44,18 @@ def _letterbox_to_input(preset: ModelPreset, image: torch.Tensor) -> tuple[torch
 
 
 def _segmentation_task(preset: ModelPreset, model: nn.Module, split: str, root: str | Path | None) -> Task:
-    return SegmentationTask(model, preset.num_classes, preset.ignore_index, preset.class_names)
+    return SegmentationTask(model, preset.num_classes, preset.ignore_index, preset.class_names, label_map=preset.label_map)
+
+
+def camvid_at(size: tuple[int, int]) -> DatasetFactory:
+    """CamVid (360 x 480) resized to ``size`` (H, W): images bilinear, labels nearest; for networks
+    that need other sides (e.g. multiples of 16)."""
+    def build(split: str, limit: int | None, root: str | Path | None) -> Dataset:
+        from ..data import ResizedSegmentation
+
+        return ResizedSegmentation(_camvid(split, limit, root), size)
+
+    return build
 
 
 def _coco_paths(split: str, root: str | Path | None) -> tuple[Path, Path]:
@@ -87,6 +98,9 @@ class ModelPreset:
     object, ``prepare`` maps an arbitrary image to the model's input (resize or letterbox).
     ``profile_record`` describes the fitted profile shipped for this preset, if any
     (:class:`~zmask.models.profiles.ProfileRecord`; :meth:`profile` gives its verified path).
+    ``label_map`` (segmentation): for a model trained on another label set, the dataset class of
+    each model output (``ignore_index`` = never scored), applied to predictions before the metric
+    (:class:`~zmask.tasks.SegmentationTask`); ``output_classes`` names the model's own outputs.
     """
 
     name: str
@@ -108,6 +122,25 @@ class ModelPreset:
     train_split: str = "train"
     eval_split: str = "val"
     profile_record: ProfileRecord | None = None
+    label_map: tuple[int, ...] | None = None
+    output_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.label_map is not None:
+            from ..tasks.segmentation import check_label_map
+
+            check_label_map(self.label_map, self.num_classes, self.ignore_index)
+            if self.output_classes and len(self.output_classes) != len(self.label_map):
+                raise ZMaskError(f"preset {self.name!r}: {len(self.output_classes)} output class names for a label map of "
+                                 f"{len(self.label_map)} entries")
+
+    def label_map_lines(self) -> list[str]:
+        """The label map, one line per dataset class (``"Car <- car, truck, bus, train"``); empty without one."""
+        if self.label_map is None:
+            return []
+        from ..tasks.segmentation import describe_label_map
+
+        return describe_label_map(self.label_map, self.output_classes, self.class_names, self.ignore_index)
 
     @property
     def task_type(self) -> type[Task]:

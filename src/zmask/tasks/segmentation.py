@@ -133,6 +133,39 @@ def segmentation_untargeted_terms(
     return (cross_entropy * correct).sum(), (cross_entropy * wrong).sum(), gamma
 
 
+def check_label_map(label_map: Sequence[int], num_classes: int, ignore_index: int) -> tuple[int, ...]:
+    """``label_map`` as a tuple after checking it: one entry per model output, each an evaluated
+    class (``0..num_classes-1``) or ``ignore_index`` (an output that is never scored)."""
+    if isinstance(label_map, (str, bytes)) or not isinstance(label_map, Sequence) or not label_map:
+        raise InputError(f"label_map must be a non-empty sequence of class indices (one per model output), got {label_map!r}")
+    entries = []
+    for output, target in enumerate(label_map):
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise InputError(f"label_map[{output}] must be an int class index, got {target!r}")
+        if not (0 <= target < num_classes or target == ignore_index):
+            raise InputError(f"label_map[{output}] = {target} is neither an evaluated class (0..{num_classes - 1}) "
+                             f"nor the ignore index {ignore_index}")
+        entries.append(int(target))
+    return tuple(entries)
+
+
+def describe_label_map(label_map: Sequence[int], output_names: Sequence[str] = (), class_names: Sequence[str] = (),
+                       ignore_index: int = 255) -> list[str]:
+    """One line per evaluated class (and one for ignored outputs): ``"Road <- road"``,
+    ``"Car <- car, truck, bus, train"``, ``"(ignored) <- background"``; outputs and classes are
+    named where names are given, else numbered."""
+    def output_name(index: int) -> str:
+        return output_names[index] if index < len(output_names) else str(index)
+
+    targets = sorted(set(label_map), key=lambda t: (t == ignore_index, t))
+    lines = []
+    for target in targets:
+        sources = ", ".join(output_name(i) for i, t in enumerate(label_map) if t == target)
+        name = "(ignored)" if target == ignore_index else (class_names[target] if target < len(class_names) else str(target))
+        lines.append(f"{name} <- {sources}")
+    return lines
+
+
 PALETTE_CAMVID = (
     (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
@@ -148,7 +181,15 @@ def colorize(prediction: torch.Tensor, palette: Sequence[tuple[int, int, int]] =
 @register_task
 class SegmentationTask:
     """Semantic segmentation: a segmenter returning logits (B x K x H x W) at input resolution;
-    dataset items carry ``label`` (H x W class indices, ``ignore_index`` = unlabelled)."""
+    dataset items carry ``label`` (H x W class indices, ``ignore_index`` = unlabelled).
+
+    ``label_map``: for a model trained on another label set, the dataset class of each of its K
+    outputs (``ignore_index`` for outputs that are never scored), e.g. Cityscapes trainIds -> CamVid
+    (:data:`zmask.data.camvid.CITYSCAPES_TO_CAMVID`). Predictions are the mapped argmax (the
+    upstream protocol), so the metric, drawings and overlays are in dataset classes; the attack
+    losses use :meth:`class_logits`, the log of the summed probabilities of each class's outputs.
+    Without it, output k is class k.
+    """
 
     name: ClassVar[str] = "segmentation"
     metric_key: ClassVar[str] = "miou"
@@ -157,9 +198,43 @@ class SegmentationTask:
     objectives: ClassVar[tuple[str, ...]] = ("untargeted",)
 
     def __init__(self, model: nn.Module, num_classes: int, ignore_index: int, class_names: tuple[str, ...] = (),
-                 ignore_prediction: int | None = None) -> None:
+                 ignore_prediction: int | None = None, label_map: Sequence[int] | None = None) -> None:
         self.model, self.num_classes, self.ignore_index, self.class_names = model, num_classes, ignore_index, class_names
         self.ignore_prediction = ignore_prediction
+        self.label_map = None if label_map is None else check_label_map(label_map, num_classes, ignore_index)
+        self._lookup = None if self.label_map is None else torch.tensor(self.label_map, dtype=torch.long)
+
+    def _check_outputs(self, logits: torch.Tensor) -> None:
+        if self.label_map is not None and (logits.dim() < 2 or logits.shape[1] != len(self.label_map)):
+            raise InputError(f"the label map has {len(self.label_map)} entries (one per model output) but the model "
+                             f"returned {tuple(logits.shape)}; expected B x {len(self.label_map)} x H x W logits")
+
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the dataset's classes (B x C x H x W): the model's own without a label map;
+        with one, column c is the log-sum-exp of the outputs mapped to c, so that its softmax is
+        the summed probability of those outputs (C = num_classes, plus one last column for the
+        ignored outputs if any; a class no output maps to gets the lowest finite value)."""
+        if self.label_map is None:
+            return logits
+        self._check_outputs(logits)
+        columns = self.num_classes + (1 if self.ignore_index in self.label_map else 0)
+        merged = []
+        for target in range(columns):
+            source = self.ignore_index if target == self.num_classes else target
+            outputs = [i for i, t in enumerate(self.label_map) if t == source]
+            merged.append(logits[:, outputs].logsumexp(1) if outputs else torch.full_like(logits[:, 0], torch.finfo(logits.dtype).min))
+        return torch.stack(merged, 1)
+
+    def _attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with the classes that no output maps to set to ``ignore_index`` (nothing to attack there)."""
+        if self.label_map is None:
+            return labels.long()
+        reachable = torch.zeros(self.num_classes + 1, dtype=torch.bool, device=labels.device)
+        reachable[[t for t in set(self.label_map) if t < self.num_classes]] = True
+        labels = labels.long()
+        inside = (labels >= 0) & (labels < self.num_classes)
+        keep = inside & reachable[torch.where(inside, labels, torch.full_like(labels, self.num_classes))]
+        return torch.where(keep | ~inside, labels, torch.full_like(labels, self.ignore_index))
 
     @staticmethod
     def paper_config(*args: Any, **kwargs: Any):
@@ -175,8 +250,8 @@ class SegmentationTask:
         return stack_items(items, ("image", "label"))
 
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-pixel cross-entropy (B x H x W); ignored pixels get 0."""
-        labels = labels.long()
+        """Per-pixel cross-entropy (B x H x W) over :meth:`class_logits`; ignored pixels get 0."""
+        logits, labels = self.class_logits(logits), self._attack_labels(labels)
         valid = (labels >= 0) & (labels < self.num_classes) & (labels != self.ignore_index)
         loss = F.cross_entropy(logits, torch.where(valid, labels, torch.zeros_like(labels)), reduction="none")
         return loss * valid
@@ -187,14 +262,19 @@ class SegmentationTask:
         still correct and the ones already wrong as two terms balanced by gamma (spec 4.2)."""
         if objective not in self.objectives:
             raise InputError(f"segmentation has no attack objective {objective!r}; use one of {self.objectives}")
-        labels = batch["label"].to(output.device)
-        correct, wrong, gamma = segmentation_untargeted_terms(output, labels, patch_masks, self.num_classes, self.ignore_index)
+        labels = self._attack_labels(batch["label"].to(output.device))
+        correct, wrong, gamma = segmentation_untargeted_terms(self.class_logits(output), labels, patch_masks, self.num_classes,
+                                                              self.ignore_index)
         pixels = max(1, int(labels.numel()))
         return {"ce_correct": (weight * gamma, -correct / pixels), "ce_wrong": (weight * (1.0 - gamma), -wrong / pixels)}
 
-    @staticmethod
-    def predict(logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(1)
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class map (B x H x W) of B x K x H x W logits: the argmax, through the label map if any."""
+        prediction = logits.argmax(1)
+        if self._lookup is None:
+            return prediction
+        self._check_outputs(logits)
+        return self._lookup.to(prediction.device)[prediction]
 
     def metric(self, ignore_prediction: int | None = None) -> ConfusionMatrix:
         return ConfusionMatrix(self.num_classes, self.ignore_index, ignore_prediction if ignore_prediction is not None else self.ignore_prediction)
@@ -203,7 +283,7 @@ class SegmentationTask:
         accumulator.update(self.predict(output).cpu(), batch["label"], ignore_mask=patch_masks[:, 0].cpu() > 0.5, keys=batch.get("index"))
 
     def render(self, axis: Any, image: torch.Tensor, output: torch.Tensor) -> None:
-        axis.imshow(colorize(output.argmax(0) if output.dim() == 3 else output).numpy())
+        axis.imshow(colorize(self.predict(output[None])[0].cpu() if output.dim() == 3 else output).numpy())
 
     def overlay(self, image: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         colours = colorize(self.predict(output)[0].cpu()).permute(2, 0, 1).float() / 255
