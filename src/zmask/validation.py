@@ -11,6 +11,11 @@ from typing import Any
 import torch
 from .errors import InputError, ZMaskTypeError
 
+# The value range of images and patches (RGB scaled to [0, 1]) and the rounding allowed beyond it
+# (resampling and float16/bfloat16 round-off stay well inside it; a [0, 255] image does not).
+IMAGE_RANGE: tuple[float, float] = (0.0, 1.0)
+RANGE_TOLERANCE = 1e-3
+
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The floating-point dtype the model computes in (its first floating parameter or buffer), or None."""
@@ -20,10 +25,13 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def check_images(images: Any, in_channels: int = 3, name: str = "images", dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Validate a B x C x H x W floating-point batch of finite values and return it, converted to
-    ``dtype`` when given (float64 or half images for a float32 model, float32 ones for a
-    bfloat16 model: the model gets its own dtype instead of failing inside torch)."""
+def check_images(images: Any, in_channels: int = 3, name: str = "images", dtype: torch.dtype | None = None,
+                 value_range: tuple[float, float] | None = IMAGE_RANGE) -> torch.Tensor:
+    """Validate a B x C x H x W floating-point batch of finite values in ``value_range`` (by default
+    [0, 1], the models' contract, give or take :data:`RANGE_TOLERANCE` of rounding; None: any
+    finite values) and return it, converted to ``dtype`` when given (float64 or half images for a
+    float32 model, float32 ones for a bfloat16 model: the model gets its own dtype instead of
+    failing inside torch)."""
     if not isinstance(images, torch.Tensor):
         raise ZMaskTypeError(f"{name} must be a torch.Tensor of shape B x {in_channels} x H x W, got {type(images).__name__}")
     if images.dim() != 4:
@@ -39,9 +47,64 @@ def check_images(images: Any, in_channels: int = 3, name: str = "images", dtype:
         raise InputError(f"{name} has an empty spatial size {tuple(images.shape[2:])}")
     if dtype is not None and images.dtype != dtype:
         images = images.to(dtype)
-    if not torch.isfinite(images).all():
-        raise InputError(f"{name} contains NaN or Inf values")
+    check_values(images, name, value_range)
     return images
+
+
+def check_values(values: torch.Tensor, name: str, value_range: tuple[float, float] | None = IMAGE_RANGE,
+                 what: str = "images") -> None:
+    """Refuse NaN/Inf values, and values outside ``value_range`` by more than :data:`RANGE_TOLERANCE`
+    (None: any finite value), with a message that gives the expected range.
+
+    One fused ``aminmax`` over the tensor (NaN propagates into both ends, Inf shows at an end), a
+    small fraction of a model's forward pass; the finer look happens only when the check fails."""
+    if values.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(values.detach())).tolist()
+    bounds = value_range if value_range is not None else (-math.inf, math.inf)
+    finite = math.isfinite(low) and math.isfinite(high)
+    if finite and bounds[0] - RANGE_TOLERANCE <= low and high <= bounds[1] + RANGE_TOLERANCE:
+        return
+    if not finite:
+        count = int((~torch.isfinite(values.detach())).sum())
+        expected = f"; expected finite values in [{bounds[0]:g}, {bounds[1]:g}]" if value_range is not None else ""
+        raise InputError(f"{name} contains NaN or Inf values ({count} of {values.numel()}){expected}")
+    hint = ""
+    if value_range == IMAGE_RANGE:
+        if low >= -RANGE_TOLERANCE and high <= 255 + RANGE_TOLERANCE:
+            hint = f": 8-bit {what} in [0, 255]? divide them by 255"
+        elif low >= -1 - RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE:
+            hint = f": {what} in [-1, 1]? map them with (x + 1) / 2"
+        else:
+            hint = f": give RGB {what} scaled to [0, 1] (8-bit values / 255), before any normalisation by mean and std"
+    raise InputError(f"{name} has values in [{low:.6g}, {high:.6g}], outside the expected range "
+                     f"[{bounds[0]:g}, {bounds[1]:g}]{hint}")
+
+
+def check_patch(patch: Any, name: str = "patch", channels: int = 3) -> torch.Tensor:
+    """Validate a patch: a ``channels`` x h x w floating-point tensor of finite values in [0, 1]
+    (give or take :data:`RANGE_TOLERANCE`); returns it unchanged."""
+    if not isinstance(patch, torch.Tensor):
+        raise ZMaskTypeError(f"{name} must be a torch.Tensor of shape {channels} x h x w, got {type(patch).__name__}")
+    if patch.dim() != 3 or patch.shape[0] != channels or patch.shape[1] == 0 or patch.shape[2] == 0:
+        raise InputError(f"{name} must be {channels} x h x w with h, w >= 1, got shape {tuple(patch.shape)}")
+    if not patch.is_floating_point():
+        raise ZMaskTypeError(f"{name} must be a floating-point tensor in [0, 1] (e.g. uint8 / 255), got {patch.dtype}")
+    check_values(patch, name, IMAGE_RANGE, what="patches")
+    return patch
+
+
+def check_limit(limit: Any, name: str = "limit") -> int | None:
+    """``limit`` (how many items of a dataset to use) as a positive int, or None for all of them;
+    0, negative numbers (``items[:-1]`` would silently drop the last one), bools, fractions and
+    strings are refused."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ZMaskTypeError(f"{name} must be a positive integer (or None for every item), got {limit!r} ({type(limit).__name__})")
+    if limit < 1:
+        raise InputError(f"{name}={limit} must be a positive integer (or None for every item)")
+    return int(limit)
 
 
 def check_threshold(value: Any, name: str = "threshold") -> float | None:

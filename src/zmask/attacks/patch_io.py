@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..data.io import read_image
 from ..errors import ZMaskError
+from ..validation import check_patch
 
 MAX_SIDECAR_BYTES = 1024 * 1024
 MAX_SIDECAR_DEPTH = 32  # the sidecars zmask writes are 3 levels deep
@@ -22,12 +23,14 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def save_patch(patch: torch.Tensor, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``patch`` (3 x h x w in [0, 1]) as an 8-bit RGB PNG and ``metadata`` as ``<name>.json``."""
+    """Write ``patch`` (3 x h x w in [0, 1]) as an 8-bit RGB PNG and ``metadata`` as ``<name>.json``.
+
+    A patch with NaN/Inf values, or values outside [0, 1] by more than rounding, is refused (an
+    ``InputError``) before anything is written: 8-bit quantisation would hide the fault."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ZMaskError(f"patch files are PNG; got {path}")
-    if patch.dim() != 3 or patch.shape[0] != 3:
-        raise ZMaskError(f"a patch must be 3 x h x w, got {tuple(patch.shape)}")
+    check_patch(patch, f"patch for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (patch.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(path, format="PNG")

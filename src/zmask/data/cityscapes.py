@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
+from ..validation import check_limit
 from .io import read_image, read_label
 
 CITYSCAPES_IGNORE_INDEX = 255
@@ -31,6 +32,7 @@ class Cityscapes(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str = "val", size: tuple[int, int] | None = None, limit: int | None = None) -> None:
+        limit = check_limit(limit)
         self.root = Path(root)
         image_root = self.root / "leftImg8bit" / split
         if not image_root.is_dir():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
+from ..validation import check_limit
 from .io import read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -18,6 +19,7 @@ class ImageFolder(Dataset):
     """Items: ``image`` (3 x H x W in [0, 1]) and ``path``, sorted by file name."""
 
     def __init__(self, root: str | Path, limit: int | None = None) -> None:
+        limit = check_limit(limit)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ZMaskError(f"image folder {self.root} does not exist")
