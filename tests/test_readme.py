@@ -1,4 +1,4 @@
-"""Every code block of README.md, extracted from the file and run as a user would.
+"""Every code block of README.md and of the pages under docs/, extracted and run as a user would.
 
 ``python`` blocks are executed in a fresh namespace, ``bash`` blocks through bash with ``zmask`` on the
 PATH, both in a scratch folder that mirrors the repository root (links to its files, so that the
@@ -27,6 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: The documents whose blocks run: the README and the site's pages (the reports under docs/results are output).
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"python", "bash"}
 SHOWN = {"text"}
 SKIP_MARK = "<!-- readme-test: skip"
@@ -59,13 +61,18 @@ class Block:
     code: str
     line: int
     skip_reason: str | None
+    source: str = "README.md"
 
     @property
     def id(self) -> str:
-        return f"line{self.line}-{self.language or 'none'}"
+        return f"{self.source}:{self.line}-{self.language or 'none'}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, source: str = "README.md") -> list[Block]:
     """The fenced blocks of a Markdown text, with the skip mark of the line before each (if any)."""
     blocks, lines, index = [], text.splitlines(), 0
     while index < len(lines):
@@ -75,15 +82,15 @@ def readme_blocks(text: str) -> list[Block]:
             continue
         start = index
         end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "```"), None)
-        assert end is not None, f"README.md:{start + 1}: unclosed code fence"
+        assert end is not None, f"{source}:{start + 1}: unclosed code fence"
         previous = next((lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), "")
         reason = previous[len(SKIP_MARK):].strip(" ->") if previous.startswith(SKIP_MARK) else None
-        blocks.append(Block(match.group(1), "\n".join(lines[start + 1 : end]) + "\n", start + 1, reason))
+        blocks.append(Block(match.group(1), "\n".join(lines[start + 1 : end]) + "\n", start + 1, reason, source))
         index = end + 1
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text())
+BLOCKS = [block for document in DOCUMENTS for block in readme_blocks(document.read_text(), str(document.relative_to(ROOT)))]
 RUNNABLE = [block for block in BLOCKS if block.language in RUN and block.skip_reason is None]
 
 
@@ -119,14 +126,14 @@ def test_block_extraction_skip_marks_and_small_sizes():
 def test_every_block_is_run_shown_or_an_install_or_test_command():
     assert RUNNABLE and any(block.language == "python" for block in RUNNABLE)
     for block in BLOCKS:
-        assert block.language in RUN | SHOWN, f"README.md:{block.line}: fence language {block.language!r}; use python, bash or text"
-        assert block.skip_reason is None or block.language == "bash", f"README.md:{block.line}: only install/test commands may be skipped"
+        assert block.language in RUN | SHOWN, f"{block.where}: fence language {block.language!r}; use python, bash or text"
+        assert block.skip_reason is None or block.language == "bash", f"{block.where}: only install/test commands may be skipped"
     skipped = [block for block in BLOCKS if block.skip_reason is not None]
     assert skipped, "the install and test commands are marked as skipped"
     ci_run = (ROOT / ".ci" / "run").read_text()
     for block in skipped:
         for line in command_lines(block.code):
-            assert INSTALL_OR_TEST.match(line), f"README.md:{block.line}: {line!r} is skipped but is no install or test command"
+            assert INSTALL_OR_TEST.match(line), f"{block.where}: {line!r} is skipped but is no install or test command"
     first = command_lines(skipped[0].code)
     assert first[0] == "pip install -e '.[test]'" and f"pip install -e '.[test]'" in ci_run
     assert first[1].endswith(" python -m pytest") and "-m pytest" in ci_run  # the commands CI runs
@@ -178,7 +185,7 @@ def _run_python(block: Block, scratch: Path, assets: Path, monkeypatch) -> None:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):  # the block's seeds do not leak into later tests
-            exec(compile(block.code, f"README.md:{block.line}", "exec"), {"__name__": "__readme__"})
+            exec(compile(block.code, block.where, "exec"), {"__name__": "__readme__"})
     finally:
         torch.set_num_threads(threads)
         np.random.set_state(numpy_state)
@@ -193,5 +200,5 @@ def test_readme_block_runs(block: Block, scratch: Path, assets: Path, monkeypatc
     else:
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", with_small_sizes(block.code)], cwd=scratch, env=_environment(assets),
                                 capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"README.md:{block.line} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert _digest(guarded) == before, f"README.md:{block.line} changed files of the repository"
+        assert result.returncode == 0, f"{block.where} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert _digest(guarded) == before, f"{block.where} changed files of the repository"

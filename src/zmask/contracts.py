@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
+    from .config import ZMaskConfig
     from .core.analysis import Analysis
+    from .core.state import FittedState
 
 #: A loss term of an attack: (weight in the update direction, scalar tensor to *minimise*).
 WeightedTerm = tuple[float, torch.Tensor]
@@ -145,6 +147,33 @@ class DefenseResult:
     extra: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
+class FittedDefense(Protocol):
+    """A fitted Z-Mask defense as the evaluation and the attacks see it (:class:`zmask.ZMask`).
+
+    ``model``: the wrapped model (:class:`ModelWrapper`); ``config``: its ``ZMaskConfig``;
+    ``state``: its ``FittedState`` (statistics, fusion block, lambda0, ...). ``capture(images)``:
+    (model output, activations of every configured layer) of one forward pass;
+    ``analyze(activations, input_size, gate)``: the differentiable ``Analysis`` of those activations;
+    ``detect(images)``: both at once; ``apply_mask(images, keep_mask)``: Eq. 4's masked images;
+    calling it gives the defended output (``DefenseOutput``).
+    """
+
+    model: torch.nn.Module
+    config: ZMaskConfig
+    state: FittedState
+
+    def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]: ...
+
+    def analyze(self, activations: dict[str, torch.Tensor], input_size: tuple[int, int], gate: bool = True,
+                per_layer: bool = False) -> Analysis: ...
+
+    def detect(self, images: torch.Tensor, gate: bool = True, per_layer: bool = False) -> Analysis: ...
+
+    def apply_mask(self, images: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, images: torch.Tensor, gate: bool = True, return_heatmaps: bool = False) -> Any: ...
+
+
 @dataclass
 class FitContext:
     """What a defense may fit itself on: the model, the fitted Z-Mask, the training split, the
@@ -152,7 +181,7 @@ class FitContext:
     random on training images (half of them clean)."""
 
     model: torch.nn.Module
-    zmask: torch.nn.Module  # the fitted zmask.ZMask (not imported here: the defense builds on these contracts)
+    zmask: FittedDefense  # the fitted zmask.ZMask
     train: Any
     patches: Sequence[torch.Tensor]
     clean_batches: list[torch.Tensor]
@@ -166,22 +195,43 @@ class FitContext:
 class Defense(Protocol):
     """A defense under evaluation (Z-Mask or a baseline).
 
-    ``name``: registry key and report column. ``masks``: whether it changes the task output (it
-    gets a column of the masking table); ``detects``: whether it returns scores (detection tables).
-    ``fit(context)`` fits whatever it learns on the training data and returns the defense;
+    ``name``: registry key (read from the class by ``DEFENSES.register()``) and report column (read
+    from the instance; a class attribute, or one set per instance as :class:`~zmask.evaluation.ScoreDefense`
+    does). ``masks``: whether it changes the task output (it gets a column of the masking table);
+    ``detects``: whether it returns scores (detection tables).
+    ``build(context)`` (a classmethod) fits whatever it learns on the training data and returns
+    the ready defense;
     ``__call__(images)`` (B x 3 x H x W in [0, 1]) returns a :class:`DefenseResult`, without
-    gradients. A defense with ``observes_undefended = True`` is a detection-only scorer: instead of
-    a forward pass of its own it provides ``layers`` and ``observe(activations) -> (score, flagged)``,
-    and scores the undefended pass of the "none" defense.
+    gradients. A defense with ``observes_undefended = True`` is a detection-only scorer
+    (:class:`ObservingDefense`): instead of a forward pass of its own it provides ``layers`` and
+    ``observe(activations) -> (score, flagged)``, and scores the undefended pass of the "none" defense.
     """
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str: ...
+
     masks: ClassVar[bool]
     detects: ClassVar[bool]
 
-    def fit(self, context: FitContext) -> Defense: ...
+    @classmethod
+    def build(cls, context: FitContext) -> Defense: ...
 
     def __call__(self, images: torch.Tensor) -> DefenseResult: ...
+
+
+@runtime_checkable
+class ObservingDefense(Defense, Protocol):
+    """A detection-only :class:`Defense` that scores another defense's forward pass
+    (``observes_undefended = True``; HN, FPDA): ``layers`` names the layers it reads,
+    ``observe(activations)`` (layer name -> activation, at least ``layers``) returns its score (B)
+    and flags (B bools, or None without a threshold)."""
+
+    observes_undefended: ClassVar[bool]
+
+    @property
+    def layers(self) -> list[str]: ...
+
+    def observe(self, activations: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass
@@ -192,7 +242,7 @@ class AttackContext:
     (ungated, differentiable heatmaps, soft mask and score), and the task with the batch's labels
     and the attack objective's name (to evaluate the task loss of a re-processed batch)."""
 
-    defense: torch.nn.Module  # the zmask.ZMask under attack
+    defense: FittedDefense  # the zmask.ZMask under attack
     images: torch.Tensor
     patch_masks: torch.Tensor
     output: Any

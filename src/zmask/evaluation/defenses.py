@@ -8,12 +8,13 @@ returning a :class:`~zmask.contracts.DefenseResult`, decorated with ``@DEFENSES.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..contracts import Defense, DefenseResult, FitContext
+from ..contracts import Defense, DefenseResult, FitContext, FittedDefense, ObservingDefense
 from ..core.calibration import calibrate_threshold
 from ..core.capture import deepest_layer, run_and_capture
 from ..defense import ZMask
@@ -33,7 +34,7 @@ class ZMaskDefense:
     masks: ClassVar[bool] = True
     detects: ClassVar[bool] = True
 
-    def __init__(self, defense: ZMask) -> None:
+    def __init__(self, defense: FittedDefense) -> None:
         self.defense = defense
 
     @classmethod
@@ -99,8 +100,10 @@ class MaskNetDefense:
 class ScoreDefense:
     """A detection-only baseline (HN, FPDA): the undefended output plus a score from one layer,
     thresholded by ROC on the patched training images like lambda0. It observes the undefended
-    forward pass of :class:`NoDefense` instead of running one of its own."""
+    forward pass of :class:`NoDefense` instead of running one of its own. ``name`` is given per
+    instance; the registered subclasses fix it as a class attribute (their registry key)."""
 
+    name: str
     masks: ClassVar[bool] = False
     detects: ClassVar[bool] = True
     observes_undefended: ClassVar[bool] = True
@@ -139,7 +142,7 @@ class ScoreDefense:
 class HyperNeuronDefense(ScoreDefense):
     """HN (HyperNeuron): neuron hyper-activation of the deepest D layer."""
 
-    name: ClassVar[str] = "hn"
+    name = "hn"
     scorer_type: ClassVar[type] = HyperNeuronScore
 
 
@@ -147,7 +150,7 @@ class HyperNeuronDefense(ScoreDefense):
 class CoverageDefense(ScoreDefense):
     """FPDA: out-of-range coverage of the deepest D layer."""
 
-    name: ClassVar[str] = "fpda"
+    name = "fpda"
     scorer_type: ClassVar[type] = CoverageScore
 
 
@@ -160,8 +163,9 @@ class NoDefense:
     masks: ClassVar[bool] = True
     detects: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, observers: list[ScoreDefense] | None = None) -> None:
-        self.model, self.observers = model, list(observers or [])
+    def __init__(self, model: nn.Module, observers: Sequence[ObservingDefense] | None = None) -> None:
+        self.model = model
+        self.observers: list[ObservingDefense] = list(observers or [])
 
     @classmethod
     def build(cls, context: FitContext) -> NoDefense:
