@@ -5,16 +5,21 @@ RGBA, CMYK, ...) by 255; 16-bit grey (PIL modes ``I;16*``, and ``I``, the 32-bit
 PIL gives some 16-bit files, whose values must then lie in [0, 65535]) by 65535; 32-bit float
 (mode ``F``, e.g. float TIFF) as is, if its values lie in [0, 1] (otherwise its range is unknown
 and it is refused by name). Grey images are repeated into three channels.
+
+An image's EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), as every viewer does: a
+phone photo stored sideways with "rotate 90" in its EXIF is read upright, at its displayed size.
+Label maps are read as stored.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ZMaskError
 
@@ -73,8 +78,22 @@ def read_image(path: str | Path) -> torch.Tensor:
     """An RGB image as a float tensor 3 x H x W in [0, 1], scaled by its bit depth (8-bit, 16-bit,
     float in [0, 1]); other images are refused with ``ZMaskError`` naming the file."""
     path = Path(path)
-    array = _unit_range(_open(path, "image"), path)
+    array = _unit_range(_upright(_open(path, "image"), path), path)
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def _upright(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` with its EXIF orientation applied (the image itself when it has none)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # 0x0112: the EXIF Orientation tag
+    except (OSError, ValueError, SyntaxError, struct_error):  # unreadable EXIF: read the pixels as stored
+        return image
+    if orientation in (1, None) or orientation not in range(2, 9):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, struct_error) as error:
+        raise ZMaskError(f"cannot apply the EXIF orientation of image {path}: {error}") from None
 
 
 def read_label(path: str | Path) -> torch.Tensor:
