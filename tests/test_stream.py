@@ -184,7 +184,8 @@ def test_defend_video(fitted, video, tmp_path):
     assert summary["frames_per_second"] > 0 and seen == [(1, 32, 8, 12)] * len(PATTERN)
     lines = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(len(PATTERN)))
-    assert set(lines[0]) == {"index", "score", "flagged", "raw_flagged", "masked_fraction"}
+    assert set(lines[0]) == {"index", "score", "flagged", "raw_flagged", "masked_fraction", "corrupt"}
+    assert not any(line["corrupt"] for line in lines) and summary["corrupt_frames"] == summary["skipped_packets"] == 0
     assert summary["flagged"] == sum(line["flagged"] for line in lines) and 0 < summary["flagged"] < len(PATTERN)
     assert all((line["masked_fraction"] > 0) == line["flagged"] for line in lines)
     written = open_frames(summary["video"])
@@ -237,3 +238,61 @@ def test_clear_errors(tmp_path, video, monkeypatch):
         open_frames(video)
     with pytest.raises(ZMaskError, match=r"install zmask\[video\]"):
         VideoWriter(tmp_path / "x.mp4", fps=10)
+
+
+# ---------------------------------------------------------------------------- damaged and killed videos
+def _damaged_copy(video: str, path, offset_fraction: float = 0.5, length: int = 400):
+    data = bytearray(open(video, "rb").read())
+    start = int(len(data) * offset_fraction)
+    for index in range(start, min(len(data), start + length)):
+        data[index] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_damaged_video_frames_are_reported(fitted, tmp_path):
+    """Bytes damaged mid-file: the frames FFmpeg decodes with errors (or after skipped packets) are
+    marked per frame and counted in the summary, not defended in silence."""
+    frames = [torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(i)) for i in range(24)]  # noise: large frames
+    clean = tmp_path / "clean.mp4"
+    write_video(clean, frames, fps=10, codec="libx264" if "libx264" in av.codecs_available else "mpeg4")
+    damaged = _damaged_copy(str(clean), tmp_path / "damaged.mp4")
+    source = open_frames(damaged)
+    decoded = list(source)
+    assert source.problems and set(source.problems) <= set(range(len(decoded)))
+    assert all("error" in text or "skipped" in text for text in source.problems.values())
+    assert list(open_frames(clean)) and not open_frames(clean).problems
+    summary = defend_video(fitted, damaged, tmp_path / "out", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    marked = [line["index"] for line in lines if line["corrupt"]]
+    assert marked == sorted(source.problems) and summary["corrupt_frames"] == len(marked) > 0
+    assert all(line["problem"] for line in lines if line["corrupt"]) and all("problem" not in line for line in lines if not line["corrupt"])
+
+
+WRITER = """
+import sys, time, torch
+from zmask.data.video import VideoWriter
+with VideoWriter(sys.argv[1], fps=10, fragmented=True) as writer:
+    for index in range(100000):
+        writer.write(torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(index)))
+        print(index, flush=True)
+        time.sleep(0.01)
+"""
+
+
+def test_fragmented_video_plays_after_a_kill(tmp_path):
+    """A fragmented MP4 whose writer is killed (SIGKILL) mid-stream decodes up to its last fragment."""
+    import subprocess
+
+    path = tmp_path / "killed.mp4"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    written = 0
+    for line in process.stdout:
+        written = int(line) + 1
+        if written >= 35:  # more than 3 fragments of 1 s at 10 frames/s
+            break
+    process.kill()
+    process.wait(timeout=30)
+    decoded = list(open_frames(path))
+    assert 10 <= len(decoded) <= written
+    assert decoded[0].shape == (3, 64, 96)

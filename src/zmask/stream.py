@@ -10,6 +10,7 @@ line per frame, and returns a summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -221,6 +222,9 @@ def defend_stream(
         yield from run()
 
 
+FrameCallback = Callable[[dict[str, Any], FrameResult], None]
+
+
 def defend_video(
     defense: ZMask,
     source: str | Path,
@@ -234,60 +238,86 @@ def defend_video(
     codec: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    video_name: str = "defended.mp4",
+    on_frame: FrameCallback | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Defend a video file or a folder of frames; write ``defended.mp4`` and ``frames.jsonl`` to ``out_folder``.
+    """Defend a video file or a folder of frames; write the defended video (``video_name``, default
+    ``defended.mp4``) and ``frames.jsonl`` to ``out_folder``.
 
     The video shows, at the source's frame rate (or ``fps``), ``render(masked_frame, output)`` for
     each frame (default: the masked frame itself, in the prepared space), so a caller can draw the
     prediction over it; ``render`` returns a 3 x H x W tensor in [0, 1], one size for all frames.
-    ``frames.jsonl`` holds one line per frame: index, score, flagged, raw_flagged, masked_fraction.
-    ``limit`` defends only the first frames. Returns a summary: frames, flagged, raw_flagged,
-    seconds and frames_per_second (measured end to end, decoding and encoding included),
-    frame_rate, and the paths of the two files.
+    It is a fragmented MP4: if the process is killed, the file still plays up to its last second.
+    ``frames.jsonl`` holds one line per frame, written and flushed before the frame goes into the
+    video (so every frame in the video has its line): index, score, flagged, raw_flagged,
+    masked_fraction, corrupt (FFmpeg decoded the frame with errors, or packets before it could not
+    be decoded) and, for such a frame, ``problem``. With ``on_frame``, each line goes to
+    ``on_frame(record, result)`` instead and no ``frames.jsonl`` is written. ``limit`` defends only
+    the first frames; ``threads``: decoder and encoder threads (default 1, leaving the cores to the
+    model). Returns a summary: frames, flagged, raw_flagged, corrupt_frames, skipped_packets,
+    read_error, seconds and frames_per_second (measured end to end, decoding and encoding
+    included), frame_rate, and the paths of the files.
     """
-    frames = open_frames(source, fps)
+    frames = open_frames(source, fps, threads)
     if limit is not None and limit < 1:
         raise ZMaskError(f"limit must be >= 1, got {limit}")
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    video_path, log_path = out / "defended.mp4", out / "frames.jsonl"
+    video_path = out / video_name
+    log_path = out / "frames.jsonl" if on_frame is None else None
     total = frames.count if limit is None or frames.count is None else min(frames.count, limit)
     source_frames: Iterable[torch.Tensor] = frames
     if limit is not None:
         source_frames = (frame for frame, _ in zip(frames, range(limit)))
-    count = flagged = raw_flagged = 0
+    count = flagged = raw_flagged = corrupt = 0
     started = time.perf_counter()
-    with (
-        VideoWriter(video_path, frames.fps, codec) as writer,
-        log_path.open("w", encoding="utf-8") as log,
-        tqdm(total=total, desc="defend", unit="frame", disable=not progress) as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(VideoWriter(video_path, frames.fps, codec, fragmented=True, threads=threads))
+        log = stack.enter_context(log_path.open("w", encoding="utf-8")) if log_path is not None else None
+        bar = stack.enter_context(tqdm(total=total, desc="defend", unit="frame", disable=not progress))
         for result in defend_stream(defense, source_frames, batch_size, temporal, prepare):
-            writer.write(render(result.masked, result.output) if render is not None else result.masked)
-            record = {
+            problem = frames.problems.get(result.index)
+            record: dict[str, Any] = {
                 "index": result.index,
                 "score": result.score,
                 "flagged": result.flagged,
                 "raw_flagged": result.raw_flagged,
                 "masked_fraction": result.masked_fraction,
+                "corrupt": problem is not None,
             }
-            log.write(json.dumps(record) + "\n")
+            if problem is not None:
+                record["problem"] = problem
+            if on_frame is not None:
+                on_frame(record, result)
+            elif log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            writer.write(render(result.masked, result.output) if render is not None else result.masked)
             count += 1
             flagged += result.flagged
             raw_flagged += result.raw_flagged
+            corrupt += problem is not None
             bar.set_postfix(flagged=flagged, refresh=False)
             bar.update(1)
     seconds = time.perf_counter() - started
     if count == 0:
-        raise ZMaskError(f"{source} has no frames")
+        raise ZMaskError(f"{source} has no frames" + (f" that could be decoded ({frames.read_error or 'every packet failed'})"
+                                                       if frames.skipped_packets or frames.read_error else ""))
+    if corrupt or frames.skipped_packets or frames.read_error:
+        logger.warning("video %s is damaged: %d of %d frames decoded with errors, %d packets skipped%s", source, corrupt, count,
+                       frames.skipped_packets, f"; {frames.read_error}" if frames.read_error else "")
     logger.info("defended %s: %d of %d frames flagged in %.1f s; wrote %s", source, flagged, count, seconds, video_path)
     return {
         "frames": count,
         "flagged": flagged,
         "raw_flagged": raw_flagged,
+        "corrupt_frames": corrupt,
+        "skipped_packets": frames.skipped_packets,
+        "read_error": frames.read_error,
         "seconds": seconds,
         "frames_per_second": count / seconds if seconds > 0 else float("inf"),
         "frame_rate": frames.fps,
         "video": str(video_path),
-        "log": str(log_path),
+        "log": str(log_path) if log_path is not None else None,
     }

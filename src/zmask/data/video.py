@@ -3,6 +3,12 @@
 Video decoding and encoding use PyAV (``pip install 'zmask[video]'``), imported only when a video
 is actually opened, so the rest of zmask works without it. A folder of images needs only Pillow.
 Every failure is a ``ZMaskError`` that names the file.
+
+Decoding and encoding use one thread each by default, so that they do not compete with the model
+for cores. A packet that cannot be decoded is skipped and a frame that FFmpeg decoded with errors
+(concealed, corrupt) is still returned; both are reported per frame (``VideoFrames.problems``) so
+that a damaged file is never defended in silence. ``VideoWriter(fragmented=True)`` writes an MP4
+that stays playable up to its last second when the process is killed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ MAX_SIDE = 8192
 DEFAULT_FPS = 25.0
 # Encoders tried in order when none is named: H.264 where the PyAV build has it, else MPEG-4 Part 2.
 DEFAULT_CODECS = ("libx264", "mpeg4")
+# Muxer options of a fragmented MP4: a header without sample tables, then self-contained fragments of
+# at most FRAGMENT_SECONDS written (and flushed) as they complete, so a killed writer leaves a file
+# that plays up to its last complete fragment.
+FRAGMENT_SECONDS = 1.0
+FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": str(int(FRAGMENT_SECONDS * 1e6)),
+                  "flush_packets": "1"}
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
 
 
 def _import_av() -> ModuleType:
@@ -63,11 +76,22 @@ class VideoFrames:
 
     ``fps`` is the stream's average frame rate (or ``fps`` if given); ``count`` the number of frames
     the container declares (``None`` when it declares none: iterate to know). The file is probed
-    when the object is made, so an unreadable file fails here rather than mid-stream.
+    when the object is made, so an unreadable file fails here rather than mid-stream. ``threads``:
+    decoder threads (default 1).
+
+    Damage is reported, not hidden: during an iteration, ``problems`` maps the index of every frame
+    that FFmpeg flagged as decoded with errors (corrupt data, concealment), or that follows packets
+    that could not be decoded at all (and were skipped), to a description; ``skipped_packets``
+    counts the latter (those at the end of the file included), and ``read_error`` says why the
+    iteration stopped early when the container itself could not be read further.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, threads: int = 1) -> None:
         self.path = Path(path)
+        self.threads = threads
+        self.problems: dict[int, str] = {}
+        self.skipped_packets = 0
+        self.read_error: str | None = None
         if not self.path.is_file():
             raise ZMaskError(f"video {self.path} does not exist")
         av = _import_av()
@@ -95,19 +119,43 @@ class VideoFrames:
     def __iter__(self) -> Iterator[torch.Tensor]:
         av = _import_av()
         container = self._open(av)
-        index = 0
+        self.problems, self.skipped_packets, self.read_error = {}, 0, None
+        index, skipped, last_error = 0, 0, ""
         try:
-            frames = container.decode(container.streams.video[0])
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = self.threads
+            packets = container.demux(stream)
             while True:
                 try:
-                    frame = next(frames)
+                    packet = next(packets)
                 except StopIteration:
-                    return
+                    break
+                except (av.error.FFmpegError, OSError) as error:  # the container itself is damaged here: stop
+                    self.read_error = f"cannot read the file past frame {index}: {error}"
+                    logger.warning("video %s: %s", self.path, self.read_error)
+                    break
+                try:
+                    decoded = packet.decode()
                 except (av.error.FFmpegError, OSError) as error:
-                    raise ZMaskError(f"cannot decode frame {index} of video {self.path}: {error}") from None
-                _check_side(frame.height, frame.width, f"frame {index} of video {self.path}")
-                yield _to_tensor(frame.to_ndarray(format="rgb24"))
-                index += 1
+                    skipped, last_error = skipped + 1, str(error)
+                    self.skipped_packets += 1
+                    continue
+                for frame in decoded:
+                    notes = []
+                    if skipped:
+                        notes.append(f"{skipped} packet{'s' if skipped > 1 else ''} before this frame could not be decoded "
+                                     f"and {'were' if skipped > 1 else 'was'} skipped ({last_error})")
+                        skipped = 0
+                    if getattr(frame, "is_corrupt", False):
+                        notes.append("FFmpeg decoded this frame with errors (corrupt data, concealed)")
+                    if notes:
+                        self.problems[index] = "; ".join(notes)
+                        logger.warning("video %s, frame %d: %s", self.path, index, self.problems[index])
+                    _check_side(frame.height, frame.width, f"frame {index} of video {self.path}")
+                    yield _to_tensor(frame.to_ndarray(format="rgb24"))
+                    index += 1
+            if skipped:
+                logger.warning("video %s: the last %d packets could not be decoded (%s)", self.path, skipped, last_error)
         finally:
             container.close()
 
@@ -131,6 +179,9 @@ class FolderFrames:
             raise ZMaskError(f"no frame images ({', '.join(IMAGE_SUFFIXES)}) in {self.path}")
         self.fps = _check_fps(fps)
         self.count: int | None = len(self.paths)
+        self.problems: dict[int, str] = {}  # frames are images: a damaged one fails with its name
+        self.skipped_packets = 0
+        self.read_error: str | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for path in self.paths:
@@ -142,15 +193,16 @@ class FolderFrames:
         return f"FolderFrames({str(self.path)!r}, fps={self.fps:g}, count={self.count})"
 
 
-def open_frames(source: str | Path, fps: float | None = None) -> VideoFrames | FolderFrames:
-    """Frames of ``source``: a folder of images, or any video file FFmpeg decodes.
+def open_frames(source: str | Path, fps: float | None = None, threads: int = 1) -> VideoFrames | FolderFrames:
+    """Frames of ``source``: a folder of images, or any video file FFmpeg decodes (with ``threads``
+    decoder threads).
 
     ``fps`` overrides the video's frame rate, or sets the folder's (default 25).
     """
     source = Path(source)
     if source.is_dir():
         return FolderFrames(source, DEFAULT_FPS if fps is None else fps)
-    return VideoFrames(source, fps)
+    return VideoFrames(source, fps, threads)
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -174,13 +226,21 @@ class VideoWriter:
     The stream opens on the first frame, whose size every later frame must share. 4:2:0 encoders
     need even sides, so an odd height or width is padded by repeating the last row or column.
     ``codec`` names an FFmpeg encoder; by default the first of ``DEFAULT_CODECS`` this PyAV has.
-    Use as a context manager, or call ``close()``: the file is complete only after it.
+    ``threads``: encoder threads (default 1). Use as a context manager, or call ``close()``: the
+    file is complete only after it, unless ``fragmented`` (MP4 only): then the file is written in
+    self-contained fragments of at most ``FRAGMENT_SECONDS``, each flushed to the file as it
+    completes (H.264 without look-ahead, so frames do not wait in the encoder), and a killed
+    process leaves a video that plays up to its last complete fragment.
     """
 
-    def __init__(self, path: str | Path, fps: float, codec: str | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float, codec: str | None = None, *, fragmented: bool = False, threads: int = 1) -> None:
         self._av = _import_av()
         self.path = Path(path)
         self.fps = _check_fps(fps)
+        self.fragmented = fragmented
+        self.threads = threads
+        if fragmented and self.path.suffix.lower() not in MP4_SUFFIXES:
+            raise ZMaskError(f"a fragmented video is an MP4 file ({', '.join(MP4_SUFFIXES)}); got {self.path}")
         self.codec = codec if codec is not None else self._default_codec()
         self.frames = 0
         self._container: Any = None
@@ -200,12 +260,13 @@ class VideoWriter:
         av = self._av
         rate = Fraction(self.fps).limit_denominator(1001)
         try:
-            self._container = av.open(str(self.path), mode="w")
+            self._container = av.open(str(self.path), mode="w", options=dict(FRAGMENTED_MP4) if self.fragmented else {})
             stream = self._container.add_stream(self.codec, rate=rate)
             stream.height, stream.width = height + height % 2, width + width % 2
             stream.pix_fmt = "yuv420p"
+            stream.codec_context.thread_count = self.threads
             if self.codec == "libx264":
-                stream.options = {"crf": "18", "preset": "veryfast"}
+                stream.options = {"crf": "18", "preset": "veryfast", **({"tune": "zerolatency"} if self.fragmented else {})}
             else:  # a bit rate that keeps MPEG-4 sharp at any size: ~0.3 bit per pixel
                 stream.bit_rate = int(max(1_000_000, 0.3 * stream.height * stream.width * self.fps))
             self._stream = stream
