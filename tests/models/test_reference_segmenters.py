@@ -99,3 +99,30 @@ def test_cgnet_any_size_and_bad_shape():
         assert model(torch.rand(2, 3, 37, 53)).shape == (2, 11, 37, 53)
     with pytest.raises(InputError, match="B x 3 x H x W"):
         model(torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.assets
+@pytest.mark.parametrize("name, key", [("espnetv2_camvid", "espnetv2_s2_cityscapes"), ("dicenet_camvid", "dicenet_s1.75_cityscapes"),
+                                       ("cgnet_camvid", "cgnet_m3n21_camvid")])
+def test_preset_pipeline_predicts_camvid_classes_as_upstream(assets, name, key):
+    """The preset's own path (prepare_image, model, task.predict through the label map) on the raw
+    CamVid images gives upstream's CamVid prediction: exactly for CGNet (native size); for the
+    Cityscapes models (torch instead of PIL resizing to 512x1024) the same class histogram to 1 %."""
+    from zmask.models import get_preset
+
+    preset = get_preset(name)
+    model = preset.build(True)
+    task = preset.task_for(model)
+    reference = json.loads((assets / "reference" / f"{key}_reference.json").read_text())[key]
+    for sample in reference["samples"]:
+        image, _ = preset.prepare_image(read_image(assets / sample["image"]))
+        with torch.no_grad():
+            prediction = task.predict(model(image[None]))[0].to(torch.uint8)
+        assert tuple(prediction.shape) == tuple(preset.input_size)
+        if "camvid_map" not in sample:
+            assert _sha256(prediction) == sample["argmax_sha256"]
+            continue
+        native = np.asarray(Image.fromarray(prediction.numpy()).resize((480, 360), Image.NEAREST))
+        counts = np.bincount(native.ravel(), minlength=12)
+        expected = np.asarray(sample["camvid_map"]["class_counts"])
+        assert np.abs(counts - expected).sum() / 2 / expected.sum() < 0.01
