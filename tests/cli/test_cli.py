@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from zmask.cli import main
 from zmask.models import get_preset
@@ -61,8 +63,19 @@ def test_fit_defend_outputs(capsys, workspace, profile, noise_patch, assets):
     assert code == 0
     records = [json.loads(line) for line in stdout.splitlines()]
     assert len(records) == 2 and all({"score", "flagged", "masked_fraction"} <= set(r) for r in records)
-    assert len(list((out / "masked").glob("*.png"))) == 2 and len(list((out / "masks").glob("*.png"))) == 2
-    assert json.loads((out / "run.json").read_text())["asset_sha256"]["espnet_camvid"].startswith("7d354a25")
+    assert len(list((out / "masked").glob("*.png"))) == 2 and len(list((out / "keep_masks").glob("*.png"))) == 2
+    run_record = json.loads((out / "run.json").read_text())
+    assert run_record["asset_sha256"]["espnet_camvid"].startswith("7d354a25")
+    assert run_record["status"] == "complete" and len(run_record["processed"]) == 2 and run_record["threads"] >= 1
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [line["score"] for line in lines] == [record["score"] for record in records]
+    for line in lines:  # every file a line names exists; segmentation writes its prediction as class indices
+        assert all((out / relative).is_file() for relative in line["files"].values())
+        labels = np.asarray(Image.open(out / line["files"]["prediction"]))
+        assert labels.shape == (360, 480) and labels.max() < 12
+        keep = np.asarray(Image.open(out / line["files"]["keep_mask"]))
+        assert abs((keep < 128).mean() - line["masked_fraction"]) < 0.01  # black = masked, white = kept
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "keep_masks", "masked", "predictions", "results.jsonl", "run.json"]
 
 
 def test_evaluate_writes_report(capsys, workspace, profile, noise_patch):
@@ -120,9 +133,11 @@ def test_error_unreadable_image(capsys, profile, tmp_path):
                     f"cannot read image {bad}")
 
 
-def test_error_profile_for_another_model(capsys, profile, tmp_path):
-    _one_line_error(capsys, ["defend", str(tmp_path), "--model", "yolov5n_coco", "--profile", str(profile), "--out", str(tmp_path / "o")],
-                    "does not fit this model")
+def test_error_profile_for_another_model(capsys, profile, tmp_path, assets):
+    image = assets / "camvid" / (assets / "camvid" / "val.txt").read_text().split()[0]
+    err = _one_line_error(capsys, ["defend", str(image), "--model", "yolov5n_coco", "--profile", str(profile), "--out", str(tmp_path / "o")],
+                          "was fitted for espnet_camvid (model class ESPNetSegmenter), not for yolov5n_coco (model class YOLOv5Detector)")
+    assert "shipped" in err and not (tmp_path / "o").exists()
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -205,6 +220,7 @@ def test_fit_target_fpr_must_be_a_probability(capsys, tmp_path):
 
 
 def test_fit_layer_options_are_checked_before_any_work(capsys, tmp_path):
+    (tmp_path / "p.png").write_bytes(b"")  # only its name is checked before the layer options
     base = ["fit", "--model", "espnet_camvid", "--patches", str(tmp_path / "p.png"), "--out", str(tmp_path / "p.safetensors")]
     code, _, err = run(capsys, *base, "--layer-candidates", "net.encoder.b1")
     assert code == 2 and "--layers auto" in err

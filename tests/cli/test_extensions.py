@@ -92,11 +92,16 @@ def test_defend_video_writes_video_and_frame_log(capsys, workspace, profile, ass
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["frames"] == 6 and summary["frames_per_second"] > 0
-    folder = out / "videos" / "clip"
-    records = [json.loads(line) for line in (folder / "frames.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in records] == list(range(6))
-    written = list(open_frames(folder / "defended.mp4"))
+    # one layout for images and videos: the per-frame lines in the top-level results.jsonl, the video in videos/
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(6)) and {r["video"] for r in records} == {str(clip)}
+    assert {r["output"] for r in records} == {"videos/clip.mp4"} and not any(r["corrupt"] for r in records)
+    assert sum(r["flagged"] for r in records) == summary["flagged"]
+    written = list(open_frames(out / "videos" / "clip.mp4"))
     assert len(written) == 6 and tuple(written[0].shape) == (3, 360, 480)
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "run.json", "videos"]  # no empty image folders
+    run_record = json.loads((out / "run.json").read_text())
+    assert run_record["status"] == "complete" and run_record["processed"][0]["frames"] == 6 and run_record["current"] is None
 
 
 def noise_patch_path(workspace):

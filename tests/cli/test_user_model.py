@@ -117,6 +117,7 @@ def test_models_lists_the_layers_of_a_factory(capsys):
 ])
 def test_user_model_errors_are_one_line(capsys, argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths land here; the factory module is already importable
+    (tmp_path / "p.png").write_bytes(b"")  # input paths are checked first; these errors come next
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

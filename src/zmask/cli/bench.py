@@ -40,12 +40,13 @@ def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) ->
 def _literal_analysis(defense: ZMask, images: torch.Tensor) -> torch.Tensor:
     """The whole analysis the slow, literal way: direct SPR per layer, max per set, fusion, score."""
     _, activations = defense.capture(images)
-    config, stats = defense.config, defense.statistics
+    config, stats = defense.config, defense.state.statistics
+    assert stats is not None, "fit the statistics first"
     maps = {name: {key: layer_heatmap_direct(activations[name], stats[name], kernels, config)
                    for key, kernels in kernel_sets(config, name).items()} for name in config.layers}
     shallow = torch.stack([maps[n]["S"] for n in config.shallow_layers]).amax(0).float()
     deep = torch.stack([maps[n]["D"] for n in config.deep_layers]).amax(0).float()
-    return fuse_and_score(defense.fusion, shallow, deep, config.score)[1]
+    return fuse_and_score(defense.state.fusion, shallow, deep, config.score)[1]
 
 
 def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: bool = False, progress: bool = False,
@@ -84,11 +85,11 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                      lambda: [torch.nn.functional.avg_pool2d(grid, k, stride=1) for k in config.shallow_kernels]], max(1, repeats // 3))
 
                 def clean() -> Any:
-                    defense.threshold = float("inf")  # never flagged: analysis only
+                    defense.state.threshold = float("inf")  # never flagged: analysis only
                     return defense(image)
 
                 def flagged() -> Any:
-                    defense.threshold = -float("inf")  # always flagged: analysis + masked second pass
+                    defense.state.threshold = -float("inf")  # always flagged: analysis + masked second pass
                     return defense(image)
 
                 forward_time, clean_time, flagged_time = interleaved_medians([lambda: model(image), clean, flagged], repeats)
@@ -103,7 +104,7 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                     literal_time = time.perf_counter() - start
                     row.update(literal_clean_ms=(literal_time + forward_time) * 1e3, literal_over_forward=(literal_time + forward_time) / forward_time,
                                speedup_over_literal=(literal_time + forward_time) / clean_time)
-                defense.threshold = float("inf")
+                defense.state.threshold = float("inf")
                 for batch in batch_sizes:
                     (batch_time,) = interleaved_medians([lambda: defense(frames[:batch])], max(1, repeats // 3))
                     row[f"images_per_second_batch{batch}"] = batch / batch_time

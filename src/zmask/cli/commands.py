@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..errors import UsageError, ZMaskError
 from .parser import VIDEO_SUFFIXES
 from .records import write_run_record
@@ -66,7 +67,7 @@ def _model_preset(args: argparse.Namespace, profile: str | Path | None = None):
         recorded = load_profile(profile)
         if not (shallow or deep):
             shallow, deep = list(recorded.config.shallow_layers), list(recorded.config.deep_layers)
-        input_size = input_size or recorded.input_size
+        input_size = input_size or recorded.state.input_size
     needed = [("--task", args.task), ("--input-size", input_size)]
     if args.command == "fit":
         needed += [("--shallow", shallow), ("--deep", deep)]
@@ -104,7 +105,7 @@ def run_models(args: argparse.Namespace) -> int:
         names = [name for name, _ in model.named_modules() if name]
         _print(args, "\n".join(names), names)
         return 0
-    rows = [{"name": p.name, "task": p.task, "input": list(p.input_size), "shallow": list(p.shallow_layers), "deep": list(p.deep_layers),
+    rows: list[dict[str, Any]] = [{"name": p.name, "task": p.task, "input": list(p.input_size), "shallow": list(p.shallow_layers), "deep": list(p.deep_layers),
              "heatmap": list(p.heatmap_size), "weights": p.pretrained_source, "description": p.description,
              "shipped_profile": p.profile_record.file if p.profile_record else None} for p in PRESETS.values()]
     lines = [f"{r['name']:32s} {r['task']:13s} {r['input'][0]}x{r['input'][1]:<5d} S={','.join(r['shallow'])}  D={','.join(r['deep'])}"
@@ -144,6 +145,8 @@ def craft_patch(preset_name, size: str, config, profile: str | Path | None = Non
     model = preset.build(True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if profile is not None:
+        _check_profile_model(Path(profile), preset, model)
     defense = ZMask.load(profile, model) if profile is not None else None
     config = replace(config, patch_size=preset.patch_size(size))
     data = CachedDataset(preset.dataset(split, limit, data_root))
@@ -165,7 +168,8 @@ def run_attack(args: argparse.Namespace) -> int:
     size = preset.patch_size(args.size)
     if args.noise:
         patch = random_noise_patch(size, args.seed)
-        path = save_patch(patch, args.out, {"model": args.model, "kind": "random-noise", "size": args.size, "seed": args.seed})
+        path = save_patch(patch, args.out, {"model": args.model, "kind": "random-noise", "size": args.size, "seed": args.seed,
+                                            "written_by": f"zmask {__version__}"})
         _print(args, f"wrote random-noise patch {path} ({size[0]}x{size[1]})", {"patch": str(path), "size": size})
         return 0
     config = AttackConfig(
@@ -181,7 +185,8 @@ def run_attack(args: argparse.Namespace) -> int:
     started = time.time()
     result, metadata = craft_patch(preset, args.size, config, profile=profile, split=args.split, limit=args.limit,
                                    initial=initial, progress=not args.no_progress, data_root=args.data)
-    metadata.update(seconds_per_step=(time.time() - started) / max(config.steps, 1), resumed_from=args.resume, command="zmask attack")
+    metadata.update(seconds_per_step=(time.time() - started) / max(config.steps, 1), resumed_from=args.resume, command="zmask attack",
+                    written_by=f"zmask {__version__}")
     path = save_patch(result.patch, args.out, metadata)
     _print(args, f"wrote {path} and {path.with_suffix('.json')} ({config.steps} steps, {metadata['seconds_per_step']:.2f} s/step)",
            {"patch": str(path), **metadata})
@@ -216,7 +221,11 @@ def run_fit(args: argparse.Namespace) -> int:
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
     defense, report = fit_zmask(model, config, dataset, patches, plan, progress=not args.no_progress)
-    path = defense.save(args.out)
+    defense.state.provenance = {**(defense.state.provenance or {}), "model": preset.name}  # named when a profile meets another model
+    from ..fileio import atomic_write
+
+    # atomically, with the umask's mode: a full disk or a file-size limit leaves an earlier profile intact
+    path = atomic_write(args.out, defense.save)
     write_run_record(Path(str(path) + ".run"), args, {"report": report})
     calibration = report["calibration"]
     if "layer_selection" in report:
@@ -233,6 +242,14 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- defend
+# Heatmap PNGs: the heat (SPR of the Z-scores, in standard deviations of the clean activations)
+# clipped to [0, HEATMAP_SCALE] and mapped linearly to 0..255: one scale for every image, so a
+# clean image stays dark and a patch shows bright (a fitted ESPNet-CamVid: clean < 1, patched ~15).
+HEATMAP_SCALE = 16.0
+# Detection boxes written to the JSON lines: those scoring at least this (as the video overlay draws).
+MIN_BOX_SCORE = 0.25
+
+
 def _split_inputs(inputs: list[str], frames: bool) -> tuple[list[Path], list[Path]]:
     """(image files, video sources): folders expand to their images, or with ``frames`` are one
     video each (frames in name order); files with a video suffix are videos."""
@@ -247,7 +264,7 @@ def _split_inputs(inputs: list[str], frames: bool) -> tuple[list[Path], list[Pat
                 continue
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise UsageError(f"no images in folder {path}")
+                raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}; give --frames if it holds a video's frames")
             images += found
         elif path.is_file():
             (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(path)
@@ -257,63 +274,148 @@ def _split_inputs(inputs: list[str], frames: bool) -> tuple[list[Path], list[Pat
 
 
 def _to_png(tensor: torch.Tensor, path: Path) -> None:
+    """A 1 x H x W or 3 x H x W tensor in [0, 1] as an 8-bit PNG (its folder created on first use)."""
     import numpy as np
     from PIL import Image
 
     array = (tensor.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
     array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array.numpy())).save(path)
 
 
-def run_defend(args: argparse.Namespace) -> int:
+def _label_png(labels: torch.Tensor, path: Path) -> None:
+    """An H x W map of class indices as a PNG: 8-bit grey below 256 classes, else 16-bit."""
+    import numpy as np
+    from PIL import Image
+
+    array = labels.detach().cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.max(initial=0) < 256:
+        Image.fromarray(array.astype(np.uint8), "L").save(path)
+    else:
+        Image.fromarray(array.astype(np.uint16)).save(path)
+
+
+def _detections(output: Any) -> list[dict[str, Any]] | None:
+    """The boxes of a detection output (a one-item list of a dict with boxes, scores, labels) that
+    score at least ``MIN_BOX_SCORE``, in the model input's pixels; ``None`` for other outputs."""
+    if not (isinstance(output, list) and len(output) == 1 and isinstance(output[0], dict) and "boxes" in output[0]):
+        return None
+    found = output[0]
+    boxes = found["boxes"].detach().cpu().float()
+    scores = found.get("scores", torch.ones(len(boxes))).detach().cpu().float()
+    labels = found.get("labels", torch.zeros(len(boxes), dtype=torch.long)).detach().cpu()
+    keep = scores >= MIN_BOX_SCORE
+    return [{"box": [round(v, 1) for v in box], "score": round(float(score), 4), "label": int(label)}
+            for box, score, label in zip(boxes[keep].tolist(), scores[keep], labels[keep])]
+
+
+def _prediction(output: Any, out: Path, name: str) -> dict[str, Any]:
+    """What the model predicted, for an image's JSON line: segmentation logits (1 x C x H x W)
+    become a label PNG ``predictions/<name>.png``; detection outputs their boxes."""
+    boxes = _detections(output)
+    if boxes is not None:
+        return {"detections": boxes}
+    if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[0] == 1 and output.shape[1] > 1:
+        relative = f"predictions/{name}.png"
+        _label_png(output[0].argmax(0), out / relative)
+        return {"prediction": relative}
+    return {}
+
+
+def _check_profile_model(path: Path, preset, model) -> None:
+    """A profile fitted for another model class is refused naming both models, before the
+    (layer-by-layer) fit check could report a missing layer instead."""
+    from ..assets import sha256_of
+    from ..core.profile import load_profile
+    from ..errors import ProfileError
+    from ..models import PRESETS
+
+    recorded = load_profile(path)
+    fitted_class, this_class = recorded.model_class, type(model).__name__
+    if not fitted_class or fitted_class == this_class:
+        return
+    state = getattr(recorded, "state", recorded)
+    fitted_for = (getattr(state, "provenance", None) or {}).get("model")
+    if fitted_for is None:
+        digest = sha256_of(path)
+        fitted_for = next((p.name for p in PRESETS.values() if p.profile_record is not None and p.profile_record.sha256 == digest), None)
+    shipped = " (or leave out --profile to use its shipped one)" if preset.profile_record is not None else ""
+    raise ProfileError(f"profile {path} was fitted for {fitted_for or 'another model'} (model class {fitted_class}), not for "
+                       f"{preset.name} (model class {this_class}): give a profile fitted for {preset.name}{shipped}")
+
+
+def _load_defense(args: argparse.Namespace, preset, profile: Path):
+    """The model of ``preset`` and the defense of ``profile`` for it (model class checked first)."""
     from ..defense import ZMask
+
+    model = preset.build(True)
+    _check_profile_model(profile, preset, model)
+    return model, ZMask.load(profile, model, allow_other_weights=args.allow_other_weights)
+
+
+def run_defend(args: argparse.Namespace) -> int:
+    """Defend images and videos; every output goes under ``--out`` (see ``_defend_image``,
+    ``_defend_video``), one JSON line per image and per video frame in ``results.jsonl``, and
+    ``run.json`` rewritten after every item (and at least every second within a video)."""
+    from .records import RunRecord
 
     preset = _model_preset(args, args.profile)
     profile = _profile_for(args, preset)
-    model = preset.build(True)
-    defense = ZMask.load(profile, model, allow_other_weights=args.allow_other_weights)
     images, videos = _split_inputs(args.inputs, args.frames)
+    _, defense = _load_defense(args, preset, profile)
     out = Path(args.out)
-    for folder in ("masked", "masks", "heatmaps"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
     names, video_names = _output_names(images), _output_names(videos)
-    base = {**_profile_record(profile), "images": len(images), "videos": [str(v) for v in videos], "results": "results.jsonl"}
-    # Written now as "running" and again when the run ends, so an interrupted run says what was done
-    # (results.jsonl gets one line per image as soon as it is processed).
-    write_run_record(out, args, {**base, "status": "running", "processed": [], "failed": []})
-    processed: list[dict[str, str]] = []
+    record = RunRecord(out, args, {**_profile_record(profile), "images": len(images), "videos": [str(v) for v in videos],
+                                   "results": "results.jsonl", "heatmap_scale": HEATMAP_SCALE})
+    processed: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
-    lines = []
-    status = "interrupted"
+    lines: list[dict[str, Any]] = []
+    record.update(status="running", processed=processed, failed=failed)
+    status = "failed"
     try:
-        with open(out / "results.jsonl", "w") as results:
+        with open(out / "results.jsonl", "w", encoding="utf-8") as results:
             for path, name in zip(images, names):
                 try:
-                    record = _defend_image(preset, defense, path, out, name)
+                    line = _defend_image(preset, defense, path, out, name)
                 except (ZMaskError, OSError) as error:
                     failed.append(_report_failure(args, path, error))
+                    record.update(failed=failed)
                     continue
-                results.write(json.dumps(record) + "\n")
+                results.write(json.dumps(line) + "\n")
                 results.flush()
                 processed.append({"input": str(path), "output": name})
-                lines.append(record)
+                record.update(processed=processed)
+                lines.append(line)
                 if not args.json:
-                    print(f"{'PATCH' if record['flagged'] else 'clean':5s} score={record['score']:.4f} masked={record['masked_fraction']:.3f} {path}")
+                    print(f"{'PATCH' if line['flagged'] else 'clean':5s} score={line['score']:.4f} masked={line['masked_fraction']:.3f} {path}")
                 else:
-                    print(json.dumps(record))
-        for source, name in zip(videos, video_names):
-            try:
-                summary = _defend_video(args, preset, defense, source, out / "videos" / name)
-            except (ZMaskError, OSError) as error:
-                failed.append(_report_failure(args, source, error))
-                continue
-            processed.append({"input": str(source), "output": f"videos/{name}"})
-            print(json.dumps(summary, default=str) if args.json else
-                  f"{summary['flagged']} of {summary['frames']} frames flagged in {source} ({summary['frames_per_second']:.1f} frames/s); "
-                  f"outputs in {out / 'videos' / name}")
+                    print(json.dumps(line))
+            for source, name in zip(videos, video_names):
+                try:
+                    summary = _defend_video(args, preset, defense, source, out, name, results, record)
+                except (ZMaskError, OSError) as error:
+                    failed.append(_report_failure(args, source, error))
+                    record.update(failed=failed, current=None)
+                    with contextlib.suppress(OSError):  # no empty folder left by a video that failed at once
+                        (out / "videos").rmdir()
+                    continue
+                processed.append({"input": str(source), "output": f"videos/{name}.mp4", "frames": summary["frames"],
+                                  "flagged": summary["flagged"], "corrupt_frames": summary["corrupt_frames"],
+                                  "skipped_packets": summary["skipped_packets"]})
+                record.update(processed=processed, current=None)
+                damaged = (f"; {summary['corrupt_frames']} frames decoded with errors, {summary['skipped_packets']} packets skipped "
+                           "(see their 'problem' in results.jsonl)" if summary["corrupt_frames"] or summary["skipped_packets"] else "")
+                print(json.dumps(summary, default=str) if args.json else
+                      f"{summary['flagged']} of {summary['frames']} frames flagged in {source} ({summary['frames_per_second']:.1f} frames/s)"
+                      f"{damaged}; video {summary['video']}")
         status = "complete"
-    finally:
-        write_run_record(out, args, {**base, "status": status, "processed": processed, "failed": failed})
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:  # an interrupted video stays in "current", with the frames done (every one has its line)
+        record.update(status=status, processed=processed, failed=failed)
     if not args.json and images:
         print(f"{sum(r['flagged'] for r in lines)} of {len(lines)} images flagged; outputs in {out}"
               + (f"; {len(failed)} inputs could not be processed" if failed else ""))
@@ -353,7 +455,12 @@ def _report_failure(args: argparse.Namespace, path: Path, error: Exception) -> d
 
 
 def _defend_image(preset, defense, path: Path, out: Path, name: str) -> dict[str, Any]:
-    """Defend one image file: masked image, mask and heatmap PNGs named ``name``, and its JSON record."""
+    """Defend one image file; its outputs, all in the model input's frame (the image as the preset
+    prepares it: resized or letterboxed), are ``masked/<name>.png`` (what the model saw),
+    ``keep_masks/<name>.png`` (white = kept, black = masked: the API's keep-mask, 1 = keep),
+    ``heatmaps/<name>_shallow.png`` and ``_deep.png`` (H_S and H_D at the heatmap grid's size, on
+    the fixed scale ``HEATMAP_SCALE``), the prediction (``predictions/<name>.png`` of class
+    indices, or boxes in the JSON line), and the returned JSON line."""
     from ..data import read_image
 
     image, note = preset.prepare_image(read_image(path))
@@ -361,63 +468,123 @@ def _defend_image(preset, defense, path: Path, out: Path, name: str) -> dict[str
         result = defense(image[None], return_heatmaps=True)
     detection = result.detection
     keep = detection.keep_mask[0]
-    _to_png(defense.apply_mask(image[None], keep[None])[0], out / "masked" / f"{name}.png")
-    _to_png(1 - keep, out / "masks" / f"{name}.png")
-    shallow = result.heatmaps.shallow[0]
-    _to_png(shallow / shallow.max().clamp(min=1e-9), out / "heatmaps" / f"{name}_shallow.png")
-    return {"image": str(path), "output": name, "score": float(detection.score[0]), "flagged": bool(detection.flagged[0]),
-            "masked_fraction": float(1 - keep.mean()), "threshold": defense.threshold, "preprocessing": note}
+    files = {"masked": f"masked/{name}.png", "keep_mask": f"keep_masks/{name}.png",
+             "heatmap_shallow": f"heatmaps/{name}_shallow.png", "heatmap_deep": f"heatmaps/{name}_deep.png"}
+    _to_png(defense.apply_mask(image[None], keep[None])[0], out / files["masked"])
+    _to_png(keep.float(), out / files["keep_mask"])
+    heat = {"shallow": result.heatmaps.shallow[0].float(), "deep": result.heatmaps.deep[0].float()}
+    for kind, values in heat.items():
+        _to_png(values / HEATMAP_SCALE, out / files[f"heatmap_{kind}"])
+    line = {"image": str(path), "output": name, "score": float(detection.score[0]), "flagged": bool(detection.flagged[0]),
+            "masked_fraction": float(1 - keep.float().mean()), "threshold": defense.state.threshold, "preprocessing": note,
+            "heatmap_max": {kind: float(values.max()) for kind, values in heat.items()}}
+    prediction = _prediction(result.output, out, name)
+    if "prediction" in prediction:
+        files["prediction"] = prediction.pop("prediction")
+    return {**line, **prediction, "files": files}
 
 
-def _defend_video(args: argparse.Namespace, preset, defense, source: Path, folder: Path) -> dict[str, Any]:
-    """One video (or frame folder): defended video with the prediction overlaid, one JSON line per frame."""
+def _defend_video(args: argparse.Namespace, preset, defense, source: Path, out: Path, name: str, results, record) -> dict[str, Any]:
+    """One video (or frame folder): ``videos/<name>.mp4`` (the masked frames with the prediction
+    drawn over them; a fragmented MP4 that plays up to its last second if the run is killed), and
+    one line per frame in ``results.jsonl`` (flushed before the frame is encoded), each naming the
+    video and frame, with the boxes of a detection model."""
     from ..stream import TemporalFlag, defend_video
 
     task = preset.task_for(defense.model)
     temporal = TemporalFlag(args.temporal_on, args.temporal_off) if (args.temporal_on, args.temporal_off) != (1, 0) else None
-    return defend_video(defense, source, folder, temporal=temporal, prepare=lambda frame: preset.prepare_image(frame)[0],
-                        render=task.overlay, progress=not args.no_progress, batch_size=args.batch_size)
+    output = f"videos/{name}.mp4"
+    frames_done = 0
+
+    def on_frame(line: dict[str, Any], result) -> None:
+        nonlocal frames_done
+        boxes = _detections(result.output)
+        entry = {"video": str(source), "output": output, "frame": line.pop("index"), **line,
+                 **({"detections": boxes} if boxes is not None else {})}
+        results.write(json.dumps(entry) + "\n")
+        results.flush()
+        frames_done += 1
+        record.update(every=1.0, current={"input": str(source), "output": output, "frames_processed": frames_done})
+
+    return defend_video(defense, source, out / "videos", temporal=temporal, prepare=lambda frame: preset.prepare_image(frame)[0],
+                        render=task.overlay, progress=not args.no_progress, batch_size=args.batch_size, video_name=f"{name}.mp4",
+                        on_frame=on_frame)
 
 
 # ---------------------------------------------------------------- evaluate
-def _named_patches(entries: list[str], flag: str) -> list[tuple[str, torch.Tensor]]:
-    pairs = []
+def _named_patches(entries: list[str], flag: str, form: str = "NAME=PNG") -> list[tuple[str, str]]:
+    """(name, PNG path) of each ``NAME=PNG`` entry (split at the first ``=``); an entry without
+    ``=``, with an empty side, or a name given twice is a UsageError showing ``form``."""
+    pairs: list[tuple[str, str]] = []
     for entry in entries:
-        if "=" not in entry:
-            raise UsageError(f"{flag} expects NAME=PNG, got {entry!r}")
-        name, path = entry.split("=", 1)
-        pairs.append((name, _load_patch_file(path)))
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UsageError(f"{flag} expects {form}, got {entry!r}")
+        if any(name == seen for seen, _ in pairs):
+            raise UsageError(f"{flag} {name!r} is given twice: give each setting once")
+        pairs.append((name, path))
     return pairs
+
+
+def _weight(text: str, flag: str, form: str, entry: str) -> float:
+    """A beta or alpha of an ``--beta-patch`` / ``--alpha-patch`` entry: a number in [0, 1] (the attack's own range)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise UsageError(f"{flag} expects {form} with a number in [0, 1], got {text!r} in {entry!r}")
+    return value
+
+
+def _evaluation_patches(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[float, torch.Tensor], dict[tuple[str, float], torch.Tensor]]:
+    """The patches of ``--patch``, ``--beta-patch`` and ``--alpha-patch``, every entry parsed and every
+    PNG read before any model is built (a typo costs no minutes of setup)."""
+    patches = {name: _load_patch_file(path) for name, path in _named_patches(args.patch, "--patch")}
+    beta: dict[float, torch.Tensor] = {}
+    for key, path in _named_patches(args.beta_patch, "--beta-patch", "BETA=PNG"):
+        value = _weight(key, "--beta-patch", "BETA=PNG", f"{key}={path}")
+        if value in beta:
+            raise UsageError(f"--beta-patch beta {value:g} is given twice: give each beta once")
+        beta[value] = _load_patch_file(path)
+    alpha: dict[tuple[str, float], torch.Tensor] = {}
+    for key, path in _named_patches(args.alpha_patch, "--alpha-patch", "ATTACK:ALPHA=PNG"):
+        attack, sep, text = key.rpartition(":")
+        if not sep or not attack.strip():
+            raise UsageError(f"--alpha-patch expects ATTACK:ALPHA=PNG, got {key + '=' + path!r}")
+        setting = (attack, _weight(text, "--alpha-patch", "ATTACK:ALPHA=PNG", f"{key}={path}"))
+        if setting in alpha:
+            raise UsageError(f"--alpha-patch {attack}:{setting[1]:g} is given twice: give each setting once")
+        alpha[setting] = _load_patch_file(path)
+    return patches, beta, alpha
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Under ``torchrun`` each rank evaluates its share of the images; rank 0 writes the report."""
     from ..distributed import process_group_from_environment
 
+    given = _evaluation_patches(args)
     with process_group_from_environment() as (rank, _):
-        return _evaluate(args, primary=rank == 0)
+        return _evaluate(args, primary=rank == 0, given=given)
 
 
-def _evaluate(args: argparse.Namespace, primary: bool) -> int:
+def _evaluate(args: argparse.Namespace, primary: bool, given: tuple[dict, dict, dict] | None = None) -> int:
     from ..attacks import PhysicalConditions, random_noise_patch
     from ..data.cache import CachedDataset
-    from ..defense import ZMask
     from ..evaluation import BootstrapConfig, ExperimentSpec, build_defenses, run_experiments
 
+    from ..evaluation import DEFENSES
+    from .records import RunRecord
+
+    args.defenses = args.defenses or DEFENSES.names()
     preset = _model_preset(args, args.profile)
     profile = _profile_for(args, preset)
-    model = preset.build(True)
-    zmask = ZMask.load(profile, model, allow_other_weights=args.allow_other_weights)
-    patches = dict(_named_patches(args.patch, "--patch"))
+    model, zmask = _load_defense(args, preset, profile)
+    patches, beta, alpha = given if given is not None else _evaluation_patches(args)
     if args.random_noise:
         patches = {"random L": random_noise_patch(preset.patch_size("L"), args.seed), **patches}
-    beta = {float(k): v for k, v in _named_patches(args.beta_patch, "--beta-patch")}
-    alpha = {}
-    for key, patch in _named_patches(args.alpha_patch, "--alpha-patch"):
-        if ":" not in key:
-            raise UsageError(f"--alpha-patch expects ATTACK:ALPHA=PNG, got {key!r}")
-        attack, value = key.split(":", 1)
-        alpha[(attack, float(value))] = patch
     progress = primary and not args.no_progress
     dataset = CachedDataset(preset.dataset(args.split, args.limit, args.data))
     train = CachedDataset(preset.dataset(preset.train_split, args.train_images, args.data))
@@ -427,9 +594,19 @@ def _evaluate(args: argparse.Namespace, primary: bool) -> int:
     spec = ExperimentSpec(f"{args.model} on {args.split}", patches, beta, alpha, args.seed, args.batch_size,
                           bootstrap=BootstrapConfig(args.bootstrap, seed=args.seed), physical=PhysicalConditions() if args.physical else None)
     out = Path(args.out)
-    if primary:
-        write_run_record(out, args, _profile_record(profile))
-    results = run_experiments(task, dataset, zmask, spec, masking, detectors, out, vars(args), progress=progress)
+    record = RunRecord(out, args, _profile_record(profile)) if primary else None
+    if record is not None:
+        record.update(status="running")
+    status = "failed"
+    try:
+        results = run_experiments(task, dataset, zmask, spec, masking, detectors, out, vars(args), progress=progress)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if record is not None:
+            record.update(status=status)
     if primary:
         summary = (out / "summary.md").read_text()
         _print(args, summary + f"\nreport written to {out}", {"out": str(out), "results": results})
@@ -450,9 +627,20 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
+    from .records import RunRecord
+
     out = Path(args.out)
-    summary = demo(out, images=args.images, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    write_run_record(out, args)
+    record = RunRecord(out, args)
+    record.update(status="running")
+    status = "failed"
+    try:
+        summary = demo(out, images=args.images, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        record.update(status=status)
     _print(args, summary["text"], summary)
     return 0
 

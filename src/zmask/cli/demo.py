@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sklearn.metrics import roc_auc_score
+from ..core.calibration import roc_auc
 
 from ..attacks import load_patch
 from ..core.fusion import FusionTraining
@@ -43,7 +43,7 @@ def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, pr
     attack = PatchSetting("L patch (beta=1)", patches[0])
     results, _ = evaluate(task, val, [PatchSetting("clean"), attack], [NoDefense(model), ZMaskDefense(defense)], seed, 4, progress)
     clean_scores, attacked_scores = results["clean"]["zmask"].scores, results[attack.name]["zmask"].scores
-    auc = float(roc_auc_score([0] * len(clean_scores) + [1] * len(attacked_scores), clean_scores + attacked_scores))
+    auc = roc_auc(clean_scores, attacked_scores)
     timing = _time_per_image(defense, val, patches[0], seed)
     examples_figure(out / "demo.png", _figure_rows(defense, val, patches[0], seed, 2 if not quick else 1), task)
     summary = {
@@ -55,7 +55,7 @@ def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, pr
         "tpr": results[attack.name]["zmask"].summary().get("flag_rate"),
         "fpr": results["clean"]["zmask"].summary().get("flag_rate"),
         "mask_iou": results[attack.name]["zmask"].summary().get("mask_iou"),
-        "threshold": defense.threshold, "images": len(val), "fit": fit_report, **timing,
+        "threshold": defense.state.threshold, "images": len(val), "fit": fit_report, **timing,
         "seconds": time.time() - started, "outputs": str(out),
     }
     text = (

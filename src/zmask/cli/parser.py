@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..attacks import ADAPTIVE_OBJECTIVES
 from ..errors import UsageError
-from ..evaluation import DEFENSES
-from ..evaluation.uncertainty import MAX_RESAMPLES
-from ..tasks import TASKS
-from .checks import (MAX_BATCH, MAX_EPOCHS, MAX_FRAMES, MAX_IMAGES, MAX_PLACEMENTS, MAX_REPEATS, MAX_SEED, MAX_SIDE, MAX_STEPS,
-                     MAX_THREADS, bounded_int, finite_float, positive_int, probability)
+from .checks import (MAX_BATCH, MAX_EPOCHS, MAX_FRAMES, MAX_IMAGES, MAX_PLACEMENTS, MAX_REPEATS, MAX_RESAMPLES, MAX_SEED, MAX_SIDE,
+                     MAX_STEPS, MAX_THREADS, bounded_int, finite_float, positive_int, probability)
+
+# The parser is built without importing torch or the library (``zmask --version`` and usage errors
+# answer at once), so the help names the built-in registry entries from these lists (a test keeps
+# them equal to the registries); entries registered by extensions are accepted all the same, and
+# checked when the command runs.
+BUILTIN_TASK_OBJECTIVES = {"segmentation": ("untargeted",), "detection": ("untargeted", "vanishing")}
+BUILTIN_DEFENSES = ("zmask", "lgs", "masknet", "hn", "fpda", "none")
+BUILTIN_ADAPTIVE_OBJECTIVES = ("mask", "flag", "end_to_end", "suppress")
+OVERWRITE_HELP = "replace the outputs of an earlier zmask run at --out (files zmask did not write are never replaced)"
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 DATA_HELP = ("dataset folder (default: the preset's dataset from the assets); for a module:factory model, segmentation: "
@@ -65,7 +70,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors, and debug log messages")
     parser.add_argument("--verbose", action="store_true", help="log what the library does (fitting, calibration, profiles, downloads)")
     parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="seed of every random choice (default 0)")
-    parser.add_argument("--threads", type=positive_int(MAX_THREADS), default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int(MAX_THREADS), default=None,
+                        help="CPU threads for torch (default: half the CPU cores this process may use, 1 on a machine of up to 2 cores)")
 
 
 MODEL_HELP = ("a model preset (see `zmask models`), or your own model as my_pkg.my_module:factory or path/to/file.py:factory "
@@ -80,7 +86,8 @@ def _add_user_model(parser: argparse.ArgumentParser, layers: bool = True) -> Non
                            help="shallow layers S (default: the preset's; a module:factory model needs them to fit, and otherwise reads them from --profile)")
         group.add_argument("--deep", nargs="+", metavar="LAYER",
                            help="deep layers D (default: the preset's; a module:factory model needs them to fit, and otherwise reads them from --profile)")
-    group.add_argument("--task", choices=TASKS.names(), help="the model's task (required for a module:factory model)")
+    group.add_argument("--task", metavar="TASK",
+                       help=f"the model's task, {' or '.join(BUILTIN_TASK_OBJECTIVES)} or a registered one (required for a module:factory model)")
     group.add_argument("--input-size", type=positive_int(MAX_SIDE), nargs=2, metavar=("H", "W"),
                        help="the model's input height and width; images are resized or letterboxed to it "
                             "(required for a module:factory model, unless its --profile records it)")
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.get_default("required_options").append(action.dest)
 
     demo = command("demo", "the whole pipeline on the real assets (ESPNet-CamVid): fit, attack, detect, mask, figure and summary")
-    demo.add_argument("--out", default="zmask-demo", help="output folder (default ./zmask-demo)")
+    demo.add_argument("--out", help="output folder (default: a new folder demo/<date-time> in the user cache, $ZMASK_CACHE or ~/.cache/zmask)")
+    demo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     demo.add_argument("--images", type=positive_int(MAX_IMAGES), default=40, help="CamVid val images to evaluate (default 40)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
 
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     required(fit, "--model", help=MODEL_HELP)
     required(fit, "--patches", nargs="+", help="patch PNGs used to train the fusion block")
     required(fit, "--out", help="profile file to write (.safetensors)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing profile at --out (a file that is not a zmask profile is never replaced)")
     fit.add_argument("--data", help=DATA_HELP)
     fit.add_argument("--split", default="train", help="split of the data to fit on (default train)")
     _add_user_model(fit)
@@ -142,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("inputs", nargs="+", help=f"image files, folders of images, or videos ({', '.join(VIDEO_SUFFIXES)})")
     required(defend, "--model", help="the model the profile was fitted for: " + MODEL_HELP)
     defend.add_argument("--profile", help=PROFILE_HELP)
-    required(defend, "--out", help="output folder")
+    required(defend, "--out", help="output folder (new or empty, or an earlier defend run's with --overwrite)")
+    defend.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_user_model(defend, layers=False)
     defend.add_argument("--frames", action="store_true", help="treat each input folder as the frames of one video, in name order")
     defend.add_argument("--allow-other-weights", action="store_true", help=ALLOW_OTHER_WEIGHTS_HELP)
@@ -158,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--beta", type=finite_float, default=1.0, help="Eq. 5 weight of the adversarial loss (1 = plain attack)")
     attack.add_argument("--alpha", type=finite_float, default=1.0, help="Eq. 6 weight of the adversarial loss")
     attack.add_argument("--defense-attack", metavar="NAME",
-                        help=f"defense-aware attack objective (needs --profile): {', '.join(ADAPTIVE_OBJECTIVES.names())}")
+                        help=f"defense-aware attack objective (needs --profile): {', '.join(BUILTIN_ADAPTIVE_OBJECTIVES)}")
     attack.add_argument("--profile", help="fitted Z-Mask profile for beta < 1 or defense-aware attacks (default: the preset's shipped profile)")
     attack.add_argument("--objective", default="untargeted",
-                        help="the task's attack objective (" + "; ".join(f"{n}: {', '.join(TASKS.get(n).objectives)}" for n in TASKS.names()) + ")")
+                        help="the task's attack objective (" + "; ".join(f"{n}: {', '.join(o)}" for n, o in BUILTIN_TASK_OBJECTIVES.items()) + ")")
     attack.add_argument("--steps", type=positive_int(MAX_STEPS), default=150, help="optimisation steps (default 150)")
     attack.add_argument("--batch-size", type=positive_int(MAX_BATCH), default=8, help="images per optimisation step (default 8)")
     attack.add_argument("--lr", type=finite_float, default=0.03, help="Adam learning rate in [0, 1] pixel units")
@@ -170,14 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--limit", type=positive_int(MAX_IMAGES), help="use only the first N images")
     attack.add_argument("--data", help=DATA_HELP)
     attack.add_argument("--resume", help="start from this patch PNG")
-    required(attack, "--out", help="patch PNG to write (a JSON sidecar is written beside it)")
+    required(attack, "--out", help="patch PNG to write (a JSON sidecar <name>.json is written beside it)")
+    attack.add_argument("--overwrite", action="store_true", help="replace an existing zmask patch at --out and its sidecar (other files are never replaced)")
     attack.add_argument("--noise", action="store_true", help="write a random-noise patch of the same size instead (the control)")
     _add_user_model(attack, layers=False)
 
     evaluate = command("evaluate", "the paper's experiments on a fitted model -> report folder (JSON, Markdown, figures)")
     required(evaluate, "--model", help=MODEL_HELP)
     evaluate.add_argument("--profile", help=PROFILE_HELP)
-    required(evaluate, "--out", help="report folder to write (results.json, summary.md, figures)")
+    required(evaluate, "--out", help="report folder to write (results.json, summary.md, figures): new or empty, or an earlier report with --overwrite")
+    evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.add_argument("--patch", action="append", default=[], metavar="NAME=PNG", help="a patch setting of the masking table (repeatable)")
     evaluate.add_argument("--beta-patch", action="append", default=[], metavar="BETA=PNG", help="a patch of the beta sweep (repeatable)")
     evaluate.add_argument("--alpha-patch", action="append", default=[], metavar="ATTACK:ALPHA=PNG", help="a defense-aware patch (repeatable)")
@@ -186,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also evaluate every --patch seen through physical conditions (print gamut and tone curve, light, "
                                "perspective, blur, JPEG): rows 'NAME physical'")
     evaluate.add_argument("--allow-other-weights", action="store_true", help=ALLOW_OTHER_WEIGHTS_HELP)
-    evaluate.add_argument("--defenses", nargs="+", default=DEFENSES.names(),
-                          help=f"registered defenses to compare (default: all of {', '.join(DEFENSES.names())})")
+    evaluate.add_argument("--defenses", nargs="+", metavar="DEFENSE",
+                          help=f"registered defenses to compare (default: all registered: {', '.join(BUILTIN_DEFENSES)} and any an extension adds)")
     evaluate.add_argument("--split", default="val", help="split of the data to evaluate on (default val)")
     evaluate.add_argument("--limit", type=positive_int(MAX_IMAGES), help="evaluate only the first N images")
     evaluate.add_argument("--data", help=DATA_HELP)
