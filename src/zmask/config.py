@@ -242,10 +242,11 @@ def _integer(value: Any, name: str, low: int, high: int | None = None) -> int:
     """``value`` as an int in [low, high]; a float, bool or string is an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ZMaskTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
+    number = int(value)
+    if number < low or (high is not None and number > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{name}={value} must be {bound}")
-    return int(value)
+    return number
 
 
 def _as_pair(value: Any, name: str) -> tuple[int, int]:

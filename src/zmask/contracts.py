@@ -9,17 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 if TYPE_CHECKING:
     from .config import ZMaskConfig
     from .core.analysis import Analysis
+    from .core.capture import RepeatPolicy
     from .core.state import FittedState
 
 #: A loss term of an attack: (weight in the update direction, scalar tensor to *minimise*).
 WeightedTerm = tuple[float, torch.Tensor]
+
+
+class SizedDataset(Protocol):
+    """Items read by index: ``len(data)`` items, ``data[i]`` for ``0 <= i < len(data)`` a dict
+    (``image`` and the task's labels, see :class:`Task`). A list of dicts, or a map-style
+    ``torch.utils.data.Dataset`` that defines ``__len__``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 @runtime_checkable
@@ -88,14 +99,21 @@ class ResamplableMetric(Protocol):
     def resampler(self) -> Resampler: ...
 
 
+#: The metric accumulator type of a task (:class:`Task` is generic in it).
+MetricT = TypeVar("MetricT", bound=MetricAccumulator)
+
+
 @runtime_checkable
-class Task(Protocol):
+class Task(Protocol[MetricT]):
     """What the evaluation, the attacks and the reports need to know about a task.
 
     Class attributes: ``name`` (registry key), ``metric_key`` (the headline metric in
     ``MetricAccumulator.compute()``, e.g. "miou", "map", "accuracy"), ``paper_patch_sizes``
     ((reference input H, W), {"S"|"M"|"L": (patch H, W)}) and ``objectives`` (attack objective names).
     Items of the task's datasets are dicts with ``image`` (3 x H x W in [0, 1]) and the task's labels.
+    Generic in its metric accumulator (``Task[ConfusionMatrix]``): ``update_metric`` is given the
+    accumulator that the task's own ``metric()`` made. The task of a model preset is also a
+    :class:`PresetTask`.
     """
 
     name: ClassVar[str]
@@ -115,10 +133,10 @@ class Task(Protocol):
         """The adversarial loss of Eq. 1 as weighted terms to minimise (their weights sum to ``weight``),
         for ``output`` of the patched ``images`` (patch pixels: ``patch_masks`` B x 1 x H x W)."""
 
-    def metric(self) -> MetricAccumulator:
+    def metric(self) -> MetricT:
         """A fresh accumulator of the task metric."""
 
-    def update_metric(self, accumulator: MetricAccumulator, output: Any, batch: Mapping[str, Any], patch_masks: torch.Tensor) -> None:
+    def update_metric(self, accumulator: MetricT, output: Any, batch: Mapping[str, Any], patch_masks: torch.Tensor) -> None:
         """Add a batch, leaving out the patch's pixels (``patch_masks``, 1 = patch) where the task can."""
 
     def render(self, axis: Any, image: torch.Tensor, output: Any) -> None:
@@ -127,6 +145,18 @@ class Task(Protocol):
     def overlay(self, image: torch.Tensor, output: Any) -> torch.Tensor:
         """One image (3 x H x W in [0, 1]) with its prediction drawn on it (``output``: the model's
         output for that image as a batch of one); used for defended videos."""
+
+
+class PresetTask(Task[MetricT], Protocol[MetricT]):
+    """A :class:`Task` that model presets (``zmask.models.ModelPreset``) and model factories are
+    built on, as the built-in segmentation and detection tasks are: the staticmethod
+    ``paper_config(shallow_layers, deep_layers, input_size, heatmap_size=None, **options)`` gives
+    the paper's ``ZMaskConfig`` for the task scaled to ``input_size`` (H, W), with ``heatmap_size``
+    overriding the scaled heatmap and ``options`` any other ``ZMaskConfig`` field."""
+
+    @staticmethod
+    def paper_config(shallow_layers: Sequence[str], deep_layers: Sequence[str], input_size: tuple[int, int],
+                     heatmap_size: tuple[int, int] | None = None, **options: Any) -> ZMaskConfig: ...
 
 
 @dataclass
@@ -151,7 +181,8 @@ class FittedDefense(Protocol):
     """A fitted Z-Mask defense as the evaluation and the attacks see it (:class:`zmask.ZMask`).
 
     ``model``: the wrapped model (:class:`ModelWrapper`); ``config``: its ``ZMaskConfig``;
-    ``state``: its ``FittedState`` (statistics, fusion block, lambda0, ...). ``capture(images)``:
+    ``state``: its ``FittedState`` (statistics, fusion block, lambda0, ...); ``on_repeat``: how a
+    layer that runs more than once per forward pass is read (``RepeatPolicy``). ``capture(images)``:
     (model output, activations of every configured layer) of one forward pass;
     ``analyze(activations, input_size, gate)``: the differentiable ``Analysis`` of those activations;
     ``detect(images)``: both at once; ``apply_mask(images, keep_mask)``: Eq. 4's masked images;
@@ -161,6 +192,7 @@ class FittedDefense(Protocol):
     model: torch.nn.Module
     config: ZMaskConfig
     state: FittedState
+    on_repeat: RepeatPolicy
 
     def capture(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]: ...
 

@@ -53,6 +53,9 @@ class ZMask(nn.Module):
     and the input are.
     """
 
+    model: nn.Module
+    state: FittedState
+
     def __init__(
         self,
         model: nn.Module,

@@ -26,6 +26,7 @@ from ..contracts import AdaptiveObjective, AttackContext
 from ..core.analysis import flag
 from ..core.masking import apply_mask, straight_through_keep_mask
 from ..core.statistics import resize_nearest
+from ..errors import InputError, NotFittedError
 from ..registry import Registry
 
 ADAPTIVE_OBJECTIVES: Registry[AdaptiveObjective] = Registry("defense-aware attack objective")
@@ -41,7 +42,10 @@ def mask_attack(context: AttackContext) -> dict[str, torch.Tensor]:
 @ADAPTIVE_OBJECTIVES.register("flag")
 def flag_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """Flag-Attack: keep the score under lambda0 (maximise the BCE of sigmoid(d - lambda0) against "patched")."""
-    flagged = torch.sigmoid(context.analysis.score - context.defense.state.threshold)
+    threshold = context.defense.state.threshold
+    if threshold is None:
+        raise NotFittedError("the Flag-Attack needs the defense's threshold lambda0: calibrate it first")
+    flagged = torch.sigmoid(context.analysis.score - threshold)
     return {"flag_bce": -F.binary_cross_entropy(flagged, torch.ones_like(flagged))}
 
 
@@ -58,14 +62,17 @@ def end_to_end_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     masked = apply_mask(context.images, keep, defense.config.fill_value)
     output = context.task.forward(masked)
     terms = context.task.attack_terms(output, context.batch, masked, context.patch_masks, 1.0, context.objective)
-    return {"defended_task": sum(weight * value for weight, value in terms.values())}
+    total = sum(weight * value for weight, value in terms.values())
+    if not isinstance(total, torch.Tensor):
+        raise InputError(f"the {context.task.name} task gave no attack terms for objective {context.objective!r}")
+    return {"defended_task": total}
 
 
 @ADAPTIVE_OBJECTIVES.register("suppress")
 def suppression_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """Activation suppression: the mean of H_S and of H_D over the patch's pixels (heatmap grid)."""
     heatmaps = context.analysis.heatmaps
-    inside = (resize_nearest(context.patch_masks, tuple(heatmaps.shallow.shape[-2:])) > 0.5).float()
+    inside = (resize_nearest(context.patch_masks, (int(heatmaps.shallow.shape[-2]), int(heatmaps.shallow.shape[-1]))) > 0.5).float()
     area = inside.flatten(1).sum(1).clamp(min=1.0)
     shallow = (heatmaps.shallow * inside).flatten(1).sum(1) / area
     deep = (heatmaps.deep * inside).flatten(1).sum(1) / area

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.statistics import LayerStatistics, zscore_grid
+from ..errors import InputError
 
 
 def smoothness(patch: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,12 @@ def over_activation_loss(
     averaged over channels and layers and divided by the patch area (all at heatmap size)."""
     masks = F.interpolate(patch_masks.float(), size=heatmap_size, mode="nearest")
     area = masks.flatten(1).sum(1).clamp(min=1)
-    total = 0.0
+    total: torch.Tensor | None = None
     for name, activation in activations.items():
         zscore = zscore_grid(activation, statistics[name], heatmap_size, eps, std_floor)
         inside = (zscore * masks).flatten(2).sum(2).abs()  # B x C
-        total = total + (inside.mean(1) / area)
+        term = inside.mean(1) / area
+        total = term if total is None else total + term
+    if total is None:
+        raise InputError("L_OZ needs the activations of at least one layer")
     return (total / len(activations)).mean()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..contracts import AttackContext, Task, WeightedTerm
+from ..contracts import AttackContext, FittedDefense, SizedDataset, Task, WeightedTerm
 from ..core.capture import run_and_capture
 from ..errors import ConfigError, ZMaskError
 from .adaptive import ADAPTIVE_OBJECTIVES
@@ -26,6 +26,9 @@ from .losses import default_printable_colours, non_printability, over_activation
 from .placement import EOTConfig, apply_patch
 
 logger = logging.getLogger(__name__)
+
+_NEEDS_DEFENSE = "activation-aware (beta < 1) and defense-aware attacks need a fitted ZMask defense"
+_NEEDS_STATISTICS = "the defense has no statistics: fit or load it first"
 
 
 @dataclass(frozen=True)
@@ -90,14 +93,14 @@ class PatchAttack:
     pixel frame as ``image``).
     """
 
-    def __init__(self, task: Task, config: AttackConfig, defense: nn.Module | None = None) -> None:
-        needs_defense = config.beta < 1.0 or config.defense_attack is not None
-        if needs_defense and defense is None:
-            raise ZMaskError("activation-aware (beta < 1) and defense-aware attacks need a fitted ZMask defense")
-        if needs_defense and defense.state.statistics is None:
-            raise ZMaskError("the defense has no statistics: fit or load it first")
-        if config.defense_attack is not None and defense.state.threshold is None:
-            raise ZMaskError("defense-aware attacks need the defense's threshold lambda0: calibrate it first")
+    def __init__(self, task: Task, config: AttackConfig, defense: FittedDefense | None = None) -> None:
+        if config.beta < 1.0 or config.defense_attack is not None:
+            if defense is None:
+                raise ZMaskError(_NEEDS_DEFENSE)
+            if defense.state.statistics is None:
+                raise ZMaskError(_NEEDS_STATISTICS)
+            if config.defense_attack is not None and defense.state.threshold is None:
+                raise ZMaskError("defense-aware attacks need the defense's threshold lambda0: calibrate it first")
         if config.objective not in task.objectives:
             raise ConfigError(f"the {task.name} task has no attack objective {config.objective!r}; use one of {task.objectives}")
         self.task, self.config, self.defense = task, config, defense
@@ -109,7 +112,7 @@ class PatchAttack:
 
     def run(
         self,
-        data: Sequence[dict[str, Any]],
+        data: SizedDataset,
         initial: torch.Tensor | None = None,
         progress: bool = True,
         callback: Callable[[int, torch.Tensor, dict[str, float]], None] | None = None,
@@ -151,27 +154,38 @@ class PatchAttack:
         logger.info("patch attack: %d steps on %d images, last loss terms %s", config.steps, len(data), history[-1] if history else {})
         return AttackResult(patch.detach().cpu(), history, config)
 
+    def _fitted_defense(self) -> FittedDefense:
+        """The defense, which the settings that read it require (checked in ``__init__``)."""
+        if self.defense is None:
+            raise ZMaskError(_NEEDS_DEFENSE)
+        return self.defense
+
     def _terms(self, placed, batch: dict[str, Any], patch: torch.Tensor) -> dict[str, WeightedTerm]:
         """Loss terms to *minimise*, each with its weight in the update direction."""
-        config, defense = self.config, self.defense
+        config = self.config
         layers: list[str] = []
         if config.beta < 1.0:
-            layers += list(defense.config.shallow_layers)
+            layers += list(self._fitted_defense().config.shallow_layers)
         if config.defense_attack is not None:
-            layers += list(defense.config.layers)
+            layers += list(self._fitted_defense().config.layers)
         layers = list(dict.fromkeys(layers))
         if layers:
-            output, activations = run_and_capture(self.task.model, placed.images, layers, defense.on_repeat)
+            output, activations = run_and_capture(self.task.model, placed.images, layers, self._fitted_defense().on_repeat)
         else:
             output, activations = self.task.forward(placed.images), {}
         adversarial_weight = config.beta * (config.alpha if config.defense_attack else 1.0)
         terms = self.task.attack_terms(output, batch, placed.images, placed.masks, adversarial_weight, config.objective)
         if config.beta < 1.0:
+            defense = self._fitted_defense()
+            statistics = defense.state.statistics
+            if statistics is None:
+                raise ZMaskError(_NEEDS_STATISTICS)
             shallow = {name: activations[name] for name in defense.config.shallow_layers}
             terms["over_activation"] = (1.0 - config.beta, over_activation_loss(
-                shallow, defense.state.statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
+                shallow, statistics, placed.masks, defense.config.heatmap_size, defense.config.eps, defense.config.std_floor))
         if config.defense_attack is not None:
-            analysis = defense.analyze(activations, tuple(placed.images.shape[-2:]), gate=False)
+            defense = self._fitted_defense()
+            analysis = defense.analyze(activations, (int(placed.images.shape[-2]), int(placed.images.shape[-1])), gate=False)
             context = AttackContext(defense, placed.images, placed.masks, output, activations, analysis, self.task, batch, config.objective)
             for name, value in ADAPTIVE_OBJECTIVES.get(config.defense_attack)(context).items():
                 terms[name] = (1.0 - config.alpha, value)

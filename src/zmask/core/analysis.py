@@ -7,7 +7,7 @@ evaluation defenses all go through it (via :meth:`zmask.ZMask.analyze`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -65,9 +65,9 @@ class Analysis:
         return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation, self.coverage)
 
 
-def kernel_sets(config: ZMaskConfig, layer: str) -> dict[str, tuple]:
+def kernel_sets(config: ZMaskConfig, layer: str) -> dict[str, Sequence[tuple[int, int]]]:
     """The SPR kernel lists a layer is refined with: "S" if it is in S, "D" if it is in D."""
-    sets = {}
+    sets: dict[str, Sequence[tuple[int, int]]] = {}
     if layer in config.shallow_layers:
         sets["S"] = config.shallow_kernels
     if layer in config.deep_layers:
@@ -121,11 +121,11 @@ def analyze(
     are computed too, and with ``state.extreme_threshold`` an image is also flagged when its extreme
     score exceeds it. A score that is not finite (an input far outside the fitted range, say) is an
     ``InputError``, never "not flagged"."""
-    if state.statistics is None:
-        raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
     device = next(iter(activations.values())).device
     state = state.on_device(device)
     statistics, extremes = state.statistics, state.extremes
+    if statistics is None:
+        raise NotFittedError("clean statistics are missing: call fit_statistics(...) or load a profile first")
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
     soft, score = fuse_and_score(state.fusion, heatmaps.shallow, heatmaps.deep, config.score)
     hyper = extreme_score(activations, extremes) if extremes else None
@@ -137,7 +137,7 @@ def analyze(
         flagged = flag(score, state.threshold, hyper, state.extreme_threshold)
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    return Analysis(heatmaps, soft, score, flagged, tuple(input_size), config.mask_threshold, config.mask_dilation, hyper, coverage)
+    return Analysis(heatmaps, soft, score, flagged, (int(input_size[0]), int(input_size[1])), config.mask_threshold, config.mask_dilation, hyper, coverage)
 
 
 def _check_finite(score: torch.Tensor, extreme: torch.Tensor | None) -> None:

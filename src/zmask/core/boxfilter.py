@@ -163,11 +163,11 @@ def box_mean_separable(
     """
     batch, channels, height, _ = shape
     cols = col_weights.shape[0]
-    reuse = workspace is not None and not stacked.requires_grad
-    across = workspace.take("across", (stacked.shape[0], cols), stacked.dtype, stacked.device) if reuse else None
+    buffers = workspace if workspace is not None and not stacked.requires_grad else None
+    across = buffers.take("across", (stacked.shape[0], cols), stacked.dtype, stacked.device) if buffers is not None else None
     across = torch.mm(stacked, col_weights.transpose(0, 1), out=across)
     rows_out = (row_weights.shape[0], batch * channels * cols)
-    pooled = workspace.take("pooled", rows_out, stacked.dtype, stacked.device) if reuse else None
+    pooled = buffers.take("pooled", rows_out, stacked.dtype, stacked.device) if buffers is not None else None
     pooled = torch.mm(row_weights, across.view(height, batch * channels * cols), out=pooled)
     return pooled.view(-1, batch, channels, cols)
 

@@ -36,6 +36,15 @@ class FusionBlock(nn.Module):
     Parameters start uniform in [0, 1] (as the authors' code), drawn from ``generator``.
     """
 
+    a1: nn.Parameter
+    b1: nn.Parameter
+    a2: nn.Parameter
+    b2: nn.Parameter
+    c1: nn.Parameter
+    e1: nn.Parameter
+    c2: nn.Parameter
+    e2: nn.Parameter
+
     def __init__(self, generator: torch.Generator | None = None) -> None:
         super().__init__()
         initial = torch.rand(len(PARAMETER_NAMES), generator=generator)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Kernel, ZMaskConfig
+from ..errors import ConfigError
 from .boxfilter import Workspace, box_mean_separable, box_sum_from_table, separable_layout, summed_area_table, window_areas
 from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
 from .statistics import LayerStatistics, flush_subnormals, zscore, zscore_grid
@@ -55,6 +57,11 @@ class KernelPlan:
     def expand(self, compact: torch.Tensor) -> torch.Tensor:
         """Compact values (... x rows x cols) -> the full H_R x W_R map."""
         return compact.index_select(-2, self.row_inverse).index_select(-1, self.col_inverse)
+
+    def separable_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) weight matrices of the separable evaluator (a plan of a "separable" layer has them)."""
+        assert self.row_weights is not None and self.col_weights is not None, "a kernel planned for the table evaluator"
+        return self.row_weights.weights, self.col_weights.weights
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,12 @@ def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Seque
             kernel, rows.to(device), cols.to(device),
             row_w.to(device) if row_w is not None else None, col_w.to(device) if col_w is not None else None,
         )
-    resample = (integer_resample(row_index, native_size[0]), integer_resample(col_index, native_size[1]))
-    return LayerPlan(native_size, method, plans, resample if None not in resample else None)
+    row_resample, col_resample = integer_resample(row_index, native_size[0]), integer_resample(col_index, native_size[1])
+    resample = (row_resample, col_resample) if row_resample is not None and col_resample is not None else None
+    return LayerPlan(native_size, method, plans, resample)
 
 
-def _cheaper_method(native, grid, windows, separable) -> str:
+def _cheaper_method(native, grid, windows, separable) -> Literal["separable", "table"]:
     h, w = native
     table_cost = grid[0] * grid[1] * 6.0
     separable_cost = 0.0
@@ -137,7 +145,7 @@ class LayerRefiner:
     def plan(self, native_size: tuple[int, int], kernels: Sequence[Kernel], device: torch.device) -> LayerPlan:
         key = (tuple(native_size), tuple(kernels), str(device))
         if key not in self._plans:
-            self._plans[key] = build_plan(tuple(native_size), self.config, kernels, device)
+            self._plans[key] = build_plan((native_size[0], native_size[1]), self.config, kernels, device)
         return self._plans[key]
 
     def heatmaps(
@@ -149,7 +157,7 @@ class LayerRefiner:
         """
         config = self.config
         union = list(dict.fromkeys(k for kernels in kernel_sets.values() for k in kernels))
-        plan = self.plan(tuple(activation.shape[-2:]), union, activation.device)
+        plan = self.plan((int(activation.shape[-2]), int(activation.shape[-1])), union, activation.device)
         mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
         mean, scale = mean.to(activation.device), scale.to(activation.device)
         batch, channels = activation.shape[:2]
@@ -174,8 +182,8 @@ class LayerRefiner:
                 _accumulate(paper_sums, name, product.abs().sum(1))
         result = {}
         for name, kernels in kernel_sets.items():
+            chain: torch.Tensor | None = None
             if reference:
-                chain = None
                 for kernel in kernels:
                     pooled = plan.kernels[kernel].expand((abs_sums[kernel] / channels).float())
                     if chain is None:
@@ -188,6 +196,8 @@ class LayerRefiner:
                 chain = paper_sums[name] / channels
                 if len(kernels) > 1:
                     chain = chain / paper_norms[name].clamp(min=torch.finfo(chain.dtype).tiny).view(-1, 1, 1)
+            if chain is None:
+                raise ConfigError(f"the kernel list {name!r} is empty")
             result[name] = chain.unsqueeze(1)
         return result
 
@@ -197,7 +207,7 @@ class LayerRefiner:
         if plan.method == "table":
             per_channel = (height + 1) * (width + 1)
         else:
-            per_channel = max(kp.row_weights.weights.shape[0] * kp.col_weights.weights.shape[0] for kp in plan.kernels.values())
+            per_channel = max(rows.shape[0] * cols.shape[0] for rows, cols in (kp.separable_weights() for kp in plan.kernels.values()))
         step = max(1, self.config.chunk_elements // (batch * per_channel))
         return [slice(start, min(start + step, channels)) for start in range(0, channels, step)]
 
@@ -222,14 +232,14 @@ class LayerRefiner:
     def _box_means(self, source: torch.Tensor, shape, method: str, plan: KernelPlan) -> torch.Tensor:
         """Compact box means (B x c x rows x cols, float32) of a chunk for one kernel."""
         if method == "separable":
-            pooled = box_mean_separable(source, tuple(shape), plan.row_weights.weights, plan.col_weights.weights)
+            pooled = box_mean_separable(source, tuple(shape), *plan.separable_weights())
             return pooled.permute(1, 2, 0, 3)
         return (box_sum_from_table(source, plan.rows, plan.cols) / window_areas(plan.rows, plan.cols)).float()
 
     def _abs_channel_sum(self, source: torch.Tensor, shape, method: str, plan: KernelPlan) -> torch.Tensor:
         """Sum over channels of |box mean| (B x rows x cols): the reference variant's reduction."""
         if method == "separable":
-            pooled = box_mean_separable(source, tuple(shape), plan.row_weights.weights, plan.col_weights.weights, self.workspace)
+            pooled = box_mean_separable(source, tuple(shape), *plan.separable_weights(), self.workspace)
             return _abs_inplace(pooled).sum(2).transpose(0, 1)
         sums = box_sum_from_table(source, plan.rows, plan.cols, self.workspace)
         # |sum / area| = |sum| / area: reduce over channels first, divide the small map after.
@@ -272,13 +282,15 @@ def layer_heatmap_direct(activation: torch.Tensor, stats: LayerStatistics, kerne
     """SPR heatmap of one layer computed literally as the specification writes it (slow oracle)."""
     zscore = zscore_direct(activation, stats, config)
     if config.spr_variant == "reference":
-        chain = None
+        chain: torch.Tensor | None = None
         for kernel in kernels:
             pooled = avg_pool_direct(zscore, kernel, config.pooling).abs().mean(1, keepdim=True)
             if chain is None:
                 chain = pooled
             else:
                 chain = pooled * chain / (1.0 + chain.flatten(1).amax(1).view(-1, 1, 1, 1))
+        if chain is None:
+            raise ConfigError("the kernel list is empty")
         return chain
     state = torch.ones_like(zscore)
     for kernel in kernels:

@@ -35,6 +35,8 @@ class FittedState(nn.Module):
     ``provenance``: a JSON-able record of how it was fitted.
     """
 
+    fusion: FusionBlock
+
     def __init__(
         self,
         statistics: dict[str, LayerStatistics] | None = None,
@@ -80,10 +82,13 @@ class FittedState(nn.Module):
 
     def on_device(self, device: torch.device) -> FittedState:
         """This state with its statistics and extremes on ``device`` (moved in place, once per device change)."""
-        for values in (self.statistics, self.extremes):
-            if values and next(iter(values.values())).mean.device != device:
-                for name, item in values.items():
-                    values[name] = item.to(device)
+        statistics, extremes = self.statistics, self.extremes
+        if statistics and next(iter(statistics.values())).mean.device != device:
+            for name, layer in statistics.items():
+                statistics[name] = layer.to(device)
+        if extremes and next(iter(extremes.values())).mean.device != device:
+            for name, maxima in extremes.items():
+                extremes[name] = maxima.to(device)
         return self
 
     def extra_repr(self) -> str:

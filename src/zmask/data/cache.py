@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .batching import dataset_length
+
 
 class CachedDataset(Dataset):
     """Decodes each item once; images in [0, 1] are stored as uint8 and restored exactly on access."""
@@ -16,7 +18,7 @@ class CachedDataset(Dataset):
         self._items: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index not in self._items:

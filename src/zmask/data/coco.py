@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ZMaskError
 from ..validation import check_limit
+from .batching import dataset_length
 from .io import read_image
 
 MAX_ANNOTATION_BYTES = 2 * 1024**3
@@ -110,7 +111,7 @@ class LetterboxedDetection(Dataset):
         self.dataset, self.size = dataset, size
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from .letterbox import letterbox

@@ -38,14 +38,14 @@ def letterbox(
     pad_w, pad_h = new_shape[1] - new_w, new_shape[0] - new_h
     if auto:
         pad_w, pad_h = pad_w % stride, pad_h % stride
-    pad_w, pad_h = pad_w / 2, pad_h / 2
+    half_w, half_h = pad_w / 2, pad_h / 2
     if (width, height) != (new_w, new_h):
         image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
         image = (image * 255).round().clamp(0, 255) / 255
-    top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
-    left, right = round(pad_w - 0.1), round(pad_w + 0.1)
+    top, bottom = round(half_h - 0.1), round(half_h + 0.1)
+    left, right = round(half_w - 0.1), round(half_w + 0.1)
     image = F.pad(image, (left, right, top, bottom), value=114 / 255)
-    return image, Letterbox(ratio, pad_w, pad_h, (height, width))
+    return image, Letterbox(ratio, half_w, half_h, (height, width))
 
 
 def scale_boxes(boxes: torch.Tensor, geometry: Letterbox) -> torch.Tensor:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core.capture import ActivationCapture
 from ..core.extremes import ExtremeAccumulator, LayerExtremes, hyper_activation
+from ..errors import NotFittedError
 from ..validation import batch_images
 
 
@@ -78,6 +79,18 @@ class _LayerScore:
     def score(self, images: torch.Tensor) -> torch.Tensor:
         return self.score_activation(self._activation(images))
 
+    def _update(self, activation: torch.Tensor) -> None:
+        """Add one clean batch's activations of the layer (B x C x h x w) to the statistics."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Turn the accumulated statistics into the fitted ones."""
+        raise NotImplementedError
+
+    def score_activation(self, activation: torch.Tensor) -> torch.Tensor:
+        """The score (B) of the layer's activations (B x C x h x w)."""
+        raise NotImplementedError
+
 
 class HyperNeuronScore(_LayerScore):
     """HN: mean positive Z-score of each channel's spatial maximum (clean mean/std of maxima),
@@ -95,6 +108,8 @@ class HyperNeuronScore(_LayerScore):
         self.extremes = self._accumulator.compute()[self.layer]
 
     def score_activation(self, activation: torch.Tensor) -> torch.Tensor:
+        if self.extremes is None:
+            raise NotFittedError("HyperNeuronScore has no clean statistics: call fit(...) first")
         return hyper_activation(activation, self.extremes)
 
 
@@ -103,7 +118,7 @@ class CoverageScore(_LayerScore):
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
-        self.upper = None
+        self.upper: torch.Tensor | None = None
 
     def _update(self, activation: torch.Tensor) -> None:
         batch_max = activation.transpose(0, 1).flatten(1).amax(1).cpu()
@@ -113,6 +128,8 @@ class CoverageScore(_LayerScore):
         pass
 
     def score_activation(self, activation: torch.Tensor) -> torch.Tensor:
+        if self.upper is None:
+            raise NotFittedError("CoverageScore has no clean maxima: call fit(...) on at least one batch first")
         above = activation > self.upper.to(activation).view(1, -1, 1, 1)
         return above.flatten(1).float().mean(1)
 

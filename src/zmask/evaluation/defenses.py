@@ -17,7 +17,6 @@ from torch import nn
 from ..contracts import Defense, DefenseResult, FitContext, FittedDefense, ObservingDefense
 from ..core.calibration import calibrate_threshold
 from ..core.capture import deepest_layer, run_and_capture
-from ..defense import ZMask
 from ..errors import ZMaskError
 from ..registry import Registry
 from .baselines import CoverageScore, HyperNeuronScore, LGSConfig, MaskNet, local_gradient_smoothing, train_masknet

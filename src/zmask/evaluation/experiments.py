@@ -19,6 +19,7 @@ from .._version import __version__
 from ..attacks import PhysicalConditions
 from ..contracts import Defense, Task
 from ..core.calibration import roc_auc
+from ..data.batching import dataset_length
 from ..defense import ZMask
 from ..distributed import rank_and_world
 from .defenses import NoDefense, ZMaskDefense, report_rows
@@ -107,7 +108,7 @@ def run_experiments(
     results["recovery"] = _recoveries(table, [d.name for d in masking_defenses], key, boot)
     # Detection: ROC AUC clean vs each patched setting, and TPR at the calibrated threshold.
     clean_scores = {d: m.scores for d, m in table["no patch"].items() if m.scores}
-    detection = {}
+    detection: dict[str, dict[str, dict[str, Any]]] = {}
     for setting in [s.name for s in settings[1:]]:
         detection[setting] = {}
         for name, metrics in table[setting].items():
@@ -203,13 +204,14 @@ def _recoveries(table: dict[str, dict[str, DefenseMetrics]], masking: list[str],
 def _examples(dataset: Dataset, zmask: ZMask, spec: ExperimentSpec) -> list[dict[str, Any]]:
     name, patch = list(spec.patches.items())[-1]
     rows = []
-    for index in range(min(spec.examples, len(dataset))):
+    for index in range(min(spec.examples, dataset_length(dataset))):
         image = dataset[index]["image"][None]
         attacked, _ = place_patches(image, patch, [index], spec.seed)
         with torch.no_grad():
             clean_out = NoDefense(zmask.model)(image).output
             attacked_out = NoDefense(zmask.model)(attacked).output
             defended = ZMaskDefense(zmask)(attacked)
+        assert defended.masked_images is not None  # ZMaskDefense always returns what the model saw
         rows.append({"panels": [("clean", image[0], clean_out[0]), (f"attacked ({name})", attacked[0], attacked_out[0]),
                                 ("attacked + Z-Mask", defended.masked_images[0], defended.output[0])]})
     return rows

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 from ..attacks import EOTConfig, apply_patch
 from ..config import ZMaskConfig
 from ..core.fusion import FusionTraining
-from ..data.batching import image_batches
+from ..data.batching import dataset_length, image_batches
 from ..defense import ZMask
 from ..errors import ConfigError
 from .layer_selection import select_layers
@@ -55,7 +55,7 @@ class FitPlan:
 
 def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
     """The statistics, fusion and calibration shares of a training split (seeded by ``plan.seed``)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(plan.seed)).tolist()
+    order = torch.randperm(dataset_length(dataset), generator=torch.Generator().manual_seed(plan.seed)).tolist()
     first = plan.statistics_images
     second = first + plan.fusion_images
     third = second + plan.calibration_images
@@ -79,14 +79,16 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
         raise ConfigError(f"hard_negatives={hard_negatives} must lie in [0, 1]")
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    order = [index for _ in range(placements) for index in range(len(dataset))]
+    length = dataset_length(dataset)
+    order = [index for _ in range(placements) for index in range(length)]
     for start in range(0, len(order), batch_size):
         images, masks = [], []
         for index in order[start : start + batch_size]:
             image = dataset[index]["image"]
             if float(torch.rand((), generator=generator)) < clean_share:
                 if hard_negatives and float(torch.rand((), generator=generator)) < hard_negatives:
-                    size = tuple(patches[int(torch.randint(0, len(patches), (), generator=generator))].shape[-2:])
+                    shape = patches[int(torch.randint(0, len(patches), (), generator=generator))].shape
+                    size = (int(shape[-2]), int(shape[-1]))
                     occluder = _occluder(dataset, index, image.shape[0], size, generator)
                     # Placed as it is: resampling by the EOT's scale would smooth the noise into
                     # something tamer than noise at its own size (it scored 0.09-0.17 against
@@ -105,9 +107,10 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
 
 def _occluder(dataset: Dataset, index: int, channels: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """A harmless occluder of ``size``: uniform 8-bit noise, or a crop of another image of the dataset."""
-    if float(torch.rand((), generator=generator)) < 0.5 or len(dataset) < 2:
+    if float(torch.rand((), generator=generator)) < 0.5 or dataset_length(dataset) < 2:
         return torch.randint(0, 256, (channels, *size), generator=generator).float() / 255
-    other = dataset[(index + 1 + int(torch.randint(0, len(dataset) - 1, (), generator=generator))) % len(dataset)]["image"]
+    length = dataset_length(dataset)
+    other = dataset[(index + 1 + int(torch.randint(0, length - 1, (), generator=generator))) % length]["image"]
     height, width = min(size[0], other.shape[-2]), min(size[1], other.shape[-1])
     top = int(torch.randint(0, other.shape[-2] - height + 1, (), generator=generator))
     left = int(torch.randint(0, other.shape[-1] - width + 1, (), generator=generator))

@@ -25,7 +25,7 @@ from ..core.calibration import roc_auc
 from ..core.capture import ActivationCapture
 from ..core.refinement import LayerRefiner
 from ..core.statistics import resize_nearest
-from ..data.batching import image_batches
+from ..data.batching import dataset_length, image_batches
 from ..defense import ZMask
 from ..errors import ConfigError
 
@@ -133,6 +133,8 @@ def layer_evidence(
     for group in tqdm(groups, desc="layer groups", disable=not progress or len(groups) == 1):
         defense = ZMask(model, config.replace(shallow_layers=tuple(group), deep_layers=tuple(group[:1]), extreme_layers=()))
         defense.fit_statistics(statistics_loader, progress=progress and len(groups) == 1)
+        statistics = defense.state.statistics
+        assert statistics is not None  # fit_statistics has just set them
         refiner = LayerRefiner(defense.config)
         for images, masks in tqdm(sources, desc="layers", disable=not progress or len(groups) > 1):
             with torch.no_grad(), ActivationCapture(model, group) as capture:
@@ -140,14 +142,14 @@ def layer_evidence(
                 has_patch = [False] * images.shape[0] if masks is None else masks.flatten(1).amax(1).gt(0).tolist()
                 for layer in group:
                     activation = capture.activations[layer]
-                    shapes[layer] = tuple(activation.shape[1:])
+                    shapes[layer] = (int(activation.shape[1]), int(activation.shape[2]), int(activation.shape[3]))
                     started = time.perf_counter()
-                    heatmap = refiner.heatmaps(activation, defense.state.statistics[layer], {"S": config.shallow_kernels})["S"]
+                    heatmap = refiner.heatmaps(activation, statistics[layer], {"S": config.shallow_kernels})["S"]
                     seconds[layer] += time.perf_counter() - started
                     for peak, positive in zip(heatmap.flatten(1).amax(1).tolist(), has_patch):
                         peaks[layer]["patched" if positive else "clean"].append(peak)
                     if masks is not None:
-                        inside = resize_nearest(masks, tuple(heatmap.shape[-2:])) > 0.5
+                        inside = resize_nearest(masks, (int(heatmap.shape[-2]), int(heatmap.shape[-1]))) > 0.5
                         mean_in = (heatmap * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
                         mean_out = (heatmap * ~inside).flatten(1).sum(1) / (~inside).flatten(1).sum(1).clamp(min=1)
                         ratios = (mean_in / mean_out.clamp(min=1e-9)).tolist()
@@ -189,7 +191,7 @@ def select_layers(
     """Rank ``candidates`` (default: :func:`candidate_layers` on the first statistics image) on training
     data (:func:`layer_evidence`: statistics on ``statistics_images``, held-out ``clean`` images
     against ``patched`` batches) and choose S and D (:func:`choose_layers`)."""
-    if len(statistics_images) == 0 or len(clean) == 0 or not patched:
+    if dataset_length(statistics_images) == 0 or dataset_length(clean) == 0 or not patched:
         raise ConfigError("layer selection needs statistics images, held-out clean images and patched (images, masks) batches "
                           "from the training split")
     if candidates is None:

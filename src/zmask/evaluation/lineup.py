@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..contracts import FitContext
+from ..contracts import Defense, FitContext, ObservingDefense
 from ..data.batching import image_batches
 from ..defense import ZMask
+from ..errors import ZMaskError
 from .defenses import DEFENSES, NoDefense
 from .fitting import FitPlan, patched_batches
 
@@ -36,11 +37,15 @@ def build_defenses(
     """
     classes = [DEFENSES.get(name) for name in names]  # unknown names fail before any fitting
     context = fit_context(model, zmask, train, patches, seed, progress, batch_size, masknet_epochs=masknet_epochs)
-    masking, detectors, observers = [], [], []
+    masking: list[Defense] = []
+    detectors: list[Defense] = []
+    observers: list[ObservingDefense] = []
     undefended: NoDefense | None = None
-    for cls in classes:
+    for name, cls in zip(names, classes):
         defense = cls.build(context)
         if getattr(cls, "observes_undefended", False):
+            if not isinstance(defense, ObservingDefense):
+                raise ZMaskError(f"defense {name!r} observes the undefended pass but has no layers and observe(activations)")
             observers.append(defense)
         elif isinstance(defense, NoDefense):
             undefended = defense

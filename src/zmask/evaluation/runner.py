@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..attacks import EOTConfig, PhysicalConditions, apply_patch
 from ..contracts import Defense, Task
 from ..core.masking import mask_iou
+from ..data.batching import dataset_length
 from ..distributed import all_gather_objects, shard
 
 
@@ -71,7 +72,7 @@ class _Indexed(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.dataset[index], "index": index}

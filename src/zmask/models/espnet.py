@@ -233,6 +233,9 @@ class ESPNetSegmenter(nn.Module):
     Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``.
     """
 
+    mean_bgr: torch.Tensor
+    std_bgr: torch.Tensor
+
     def __init__(self, variant: ESPNetVariant) -> None:
         super().__init__()
         self.variant = variant

@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 
 from ..config import ZMaskConfig
 from ..contracts import Task
-from ..errors import ProfileError, ZMaskError
+from ..errors import ConfigError, ProfileError, ZMaskError
 from ..registry import Registry
 from ..tasks import TASKS, DetectionTask, SegmentationTask
+from ..tasks.registry import is_preset_task
 from .espnet import ESPNET_VARIANTS, espnet
 from .profiles import ESPNET_CAMVID_PROFILE, YOLOV5N_COCO_PROFILE, ProfileRecord
 from .torchvision_models import build_detector, build_segmenter
@@ -39,7 +40,7 @@ def _resize_to_input(preset: ModelPreset, image: torch.Tensor) -> tuple[torch.Te
 
 def _letterbox_to_input(preset: ModelPreset, image: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     """Letterbox to the preset's input size (detection presets)."""
-    boxed, _ = letterbox(image, tuple(preset.input_size), auto=False)
+    boxed, _ = letterbox(image, (preset.input_size[0], preset.input_size[1]), auto=False)
     return boxed, "letterboxed"
 
 
@@ -149,7 +150,11 @@ class ModelPreset:
     def config(self, **overrides: Any) -> ZMaskConfig:
         """The paper's setting scaled to this model's input and heatmap size, with the preset's own
         choices (``config_overrides``) and then the caller's ``overrides`` applied."""
-        base = self.task_type.paper_config(self.shallow_layers, self.deep_layers, self.input_size, heatmap_size=self.heatmap_size)
+        task_type = self.task_type
+        if not is_preset_task(task_type):
+            raise ConfigError(f"preset {self.name!r}: its task {self.task!r} gives no paper configuration "
+                              "(a paper_config staticmethod, zmask.contracts.PresetTask)")
+        base = task_type.paper_config(self.shallow_layers, self.deep_layers, self.input_size, heatmap_size=self.heatmap_size)
         return base.replace(**{**dict(self.config_overrides), **overrides})
 
     def dataset(self, split: str, limit: int | None = None, root: str | Path | None = None) -> Dataset:

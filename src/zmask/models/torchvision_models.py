@@ -29,7 +29,7 @@ class TorchvisionDetector(nn.Module):
         self.fixed_size = fixed_size
 
     def _pin_transform(self, height: int, width: int) -> None:
-        transform = self.model.transform
+        transform: Any = self.model.transform  # torchvision's GeneralizedRCNNTransform (torchvision has no type stubs)
         if self.fixed_size:
             return
         if height % 32 or width % 32:
@@ -62,6 +62,9 @@ class TorchvisionSegmenter(nn.Module):
     """A segmentation model behind the [0, 1] RGB interface: ``(x - mean) / std`` inside (the
     normalisation the model was trained with; ImageNet's by default), returns the logits (the
     ``out`` entry of torchvision's dict output, or the model's tensor output as it is)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()

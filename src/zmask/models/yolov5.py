@@ -94,6 +94,8 @@ class Concat(nn.Module):
 class Detect(nn.Module):
     """Detection head: per level a 1x1 conv to 3 x 85 values, sigmoid, grid/anchor decoding."""
 
+    anchors: torch.Tensor
+
     def __init__(self, nc: int, anchors: list[list[int]], channels: list[int]) -> None:
         super().__init__()
         self.nc, self.no, self.na = nc, nc + 5, len(anchors[0]) // 2
@@ -137,21 +139,25 @@ class YOLOv5(nn.Module):
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ZMaskError(f"YOLOv5 needs input height and width that are multiples of 32, got {tuple(x.shape[-2:])}; letterbox first")
         outputs: list[torch.Tensor | None] = []
+        value: Any = x  # a layer's input and output: a tensor, a list of them (Concat, Detect), Detect's tuple
         for index, (layer, source) in enumerate(zip(self.model, self.sources)):
             if source != -1:
-                x = outputs[source] if isinstance(source, int) else [x if j == -1 else outputs[j] for j in source]
-            x = layer(x)
-            outputs.append(x if index in self.saved else None)
-        return x
+                value = outputs[source] if isinstance(source, int) else [value if j == -1 else outputs[j] for j in source]
+            value = layer(value)
+            outputs.append(value if index in self.saved else None)
+        return value
 
 
 def _build(config: dict[str, Any]) -> tuple[list[nn.Module], list[Any], set[int]]:
     depth, width, nc = config["depth_multiple"], config["width_multiple"], config["nc"]
     channels = [config.get("ch", 3)]
-    layers, sources, saved = [], [], set()
+    layers: list[nn.Module] = []
+    sources: list[Any] = []
+    saved: set[int] = set()
     for index, (source, number, kind, args) in enumerate(config["backbone"] + config["head"]):
         number = max(round(number * depth), 1) if number > 1 else number
         inputs = [channels[-1] if s == -1 else channels[s + 1] for s in ([source] if isinstance(source, int) else source)]
+        layer: nn.Module
         if kind in ("Conv", "C3", "SPPF"):
             c2 = math.ceil(args[0] * width / 8) * 8
             if kind == "Conv":
@@ -207,6 +213,7 @@ class YOLOv5Detector(nn.Module):
     Layer names for Z-Mask are those of ``self.net`` prefixed with ``net.``, e.g. ``net.model.2``.
     """
 
+    coco_ids: torch.Tensor
     objectives: tuple[str, ...] = ("untargeted", "vanishing")
 
     def __init__(self, net: YOLOv5, names: list[str], conf_threshold: float = 0.25, iou_threshold: float = 0.45,

@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from ..contracts import AttackableDetector, Resampler, WeightedTerm
 from ..distributed import all_gather_objects
 from ..errors import ZMaskError
 from .registry import register_task, stack_items
+
+if TYPE_CHECKING:
+    from ..config import ZMaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +147,12 @@ class DetectionTask:
         self.model, self.annotation_file = model, annotation_file
 
     @staticmethod
-    def paper_config(*args: Any, **kwargs: Any):
+    def paper_config(shallow_layers: Sequence[str], deep_layers: Sequence[str], input_size: tuple[int, int],
+                     heatmap_size: tuple[int, int] | None = None, **options: Any) -> ZMaskConfig:
         """The paper's COCO detection setting of Z-Mask (``ZMaskConfig.for_detection``)."""
         from ..config import ZMaskConfig
 
-        return ZMaskConfig.for_detection(*args, **kwargs)
+        return ZMaskConfig.for_detection(shallow_layers, deep_layers, input_size, heatmap_size, **options)
 
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         return self.model(images)

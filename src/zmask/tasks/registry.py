@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 
-from ..contracts import Task
+from ..contracts import PresetTask, Task
 from ..registry import Registry
 
 TASKS: Registry[type[Task]] = Registry("task")
 
+TaskType = TypeVar("TaskType", bound=type[Task])
 
-def register_task(cls: type[Task]) -> type[Task]:
+
+def register_task(cls: TaskType) -> TaskType:
     """Class decorator: make a :class:`~zmask.contracts.Task` implementation available by its ``name``."""
-    return TASKS.register(cls.name)(cls)
+    TASKS.register(cls.name)(cls)
+    return cls
+
+
+def is_preset_task(task_type: type[Task]) -> TypeGuard[type[PresetTask]]:
+    """Whether a task class also gives the paper's Z-Mask configuration (``paper_config``, a
+    :class:`~zmask.contracts.PresetTask`), as model presets need."""
+    return callable(getattr(task_type, "paper_config", None))
 
 
 def stack_items(items: Sequence[Mapping[str, Any]], stacked: Sequence[str] = ("image",), listed: Sequence[str] = ()) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from ..contracts import Resampler, WeightedTerm
 from ..distributed import all_gather_objects, all_reduce_sum
 from ..errors import InputError
 from .registry import register_task, stack_items
+
+if TYPE_CHECKING:
+    from ..config import ZMaskConfig
 
 
 @dataclass
@@ -237,11 +240,12 @@ class SegmentationTask:
         return torch.where(keep | ~inside, labels, torch.full_like(labels, self.ignore_index))
 
     @staticmethod
-    def paper_config(*args: Any, **kwargs: Any):
+    def paper_config(shallow_layers: Sequence[str], deep_layers: Sequence[str], input_size: tuple[int, int],
+                     heatmap_size: tuple[int, int] | None = None, **options: Any) -> ZMaskConfig:
         """The paper's segmentation setting of Z-Mask (``ZMaskConfig.for_segmentation``)."""
         from ..config import ZMaskConfig
 
-        return ZMaskConfig.for_segmentation(*args, **kwargs)
+        return ZMaskConfig.for_segmentation(shallow_layers, deep_layers, input_size, heatmap_size, **options)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
