@@ -226,3 +226,36 @@ def test_fit_layer_options_are_checked_before_any_work(capsys, tmp_path):
     assert code == 2 and "--layers auto" in err
     code, _, err = run(capsys, *base, "--layers", "auto", "--shallow", "net.encoder.b1")
     assert code == 2 and "leave out --shallow" in err
+
+
+def test_defend_masks_and_heatmaps_follow_one_documented_convention(capsys, tmp_path, assets):
+    """keep_masks: white = kept (the API's keep-mask, 1 = keep); heatmaps on one fixed scale (heat /
+    HEATMAP_SCALE), so a clean image's stays dark while a patched one's is bright."""
+    from zmask.attacks import load_patch
+    from zmask.cli.commands import HEATMAP_SCALE
+    from zmask.cli.demo import DEMO_PATCHES, PATCH_FOLDER
+    from zmask.data import read_image
+    from zmask.evaluation import place_patches
+
+    preset = get_preset("espnet_camvid")
+    image = preset.prepare_image(read_image(assets / "camvid" / (assets / "camvid" / "val.txt").read_text().split()[0]))[0]
+    patched = place_patches(image[None], load_patch(PATCH_FOLDER / DEMO_PATCHES[0])[0], [0], 0)[0][0]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name, tensor in (("clean", image), ("patched", patched)):
+        Image.fromarray((tensor * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "defend", str(folder), "--model", "espnet_camvid", "--out", str(out), "--json")
+    assert code == 0
+    clean, attacked = (json.loads(line) for line in stdout.splitlines())
+    assert not clean["flagged"] and attacked["flagged"] and attacked["masked_fraction"] > 0.01
+    for line in (clean, attacked):
+        keep = np.asarray(Image.open(out / line["files"]["keep_mask"]))
+        assert abs((keep < 128).mean() - line["masked_fraction"]) < 0.01
+        heat = np.asarray(Image.open(out / line["files"]["heatmap_shallow"]))
+        assert heat.max() == round(min(1.0, line["heatmap_max"]["shallow"] / HEATMAP_SCALE) * 255)
+    assert np.asarray(Image.open(out / clean["files"]["heatmap_shallow"])).max() < 40
+    assert np.asarray(Image.open(out / attacked["files"]["heatmap_shallow"])).max() > 150
+    assert np.asarray(Image.open(out / clean["files"]["keep_mask"])).min() == 255  # nothing masked: all white
+    soft = np.asarray(Image.open(out / attacked["files"]["soft_mask"])) / 255
+    assert soft.max() > attacked["mask_threshold"] > np.asarray(Image.open(out / clean["files"]["soft_mask"])).max() / 255

@@ -242,9 +242,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- defend
-# Heatmap PNGs: the heat (SPR of the Z-scores, in standard deviations of the clean activations)
-# clipped to [0, HEATMAP_SCALE] and mapped linearly to 0..255: one scale for every image, so a
-# clean image stays dark and a patch shows bright (a fitted ESPNet-CamVid: clean < 1, patched ~15).
+# Heatmap PNGs of H_S and H_D: the heat (SPR of the Z-scores, in standard deviations of the clean
+# activations) clipped to [0, HEATMAP_SCALE] and mapped linearly to 0..255: one scale for every
+# image, so a clean image stays dark and a patch shows bright (ESPNet-CamVid: clean < 1, patched
+# ~15; YOLOv5n: clean < 0.7, patched ~2.2). The soft patch mask M~ is written on its own [0, 1] scale.
 HEATMAP_SCALE = 16.0
 # Detection boxes written to the JSON lines: those scoring at least this (as the video overlay draws).
 MIN_BOX_SCORE = 0.25
@@ -458,8 +459,10 @@ def _defend_image(preset, defense, path: Path, out: Path, name: str) -> dict[str
     """Defend one image file; its outputs, all in the model input's frame (the image as the preset
     prepares it: resized or letterboxed), are ``masked/<name>.png`` (what the model saw),
     ``keep_masks/<name>.png`` (white = kept, black = masked: the API's keep-mask, 1 = keep),
-    ``heatmaps/<name>_shallow.png`` and ``_deep.png`` (H_S and H_D at the heatmap grid's size, on
-    the fixed scale ``HEATMAP_SCALE``), the prediction (``predictions/<name>.png`` of class
+    ``heatmaps/<name>_soft_mask.png`` (the soft patch mask M~, 0..1 as 0..255; pixels above the
+    line's ``mask_threshold`` are masked when the image is flagged), ``heatmaps/<name>_shallow.png``
+    and ``_deep.png`` (H_S and H_D, on the fixed scale ``HEATMAP_SCALE``), all three at the
+    heatmap grid's size, the prediction (``predictions/<name>.png`` of class
     indices, or boxes in the JSON line), and the returned JSON line."""
     from ..data import read_image
 
@@ -468,15 +471,17 @@ def _defend_image(preset, defense, path: Path, out: Path, name: str) -> dict[str
         result = defense(image[None], return_heatmaps=True)
     detection = result.detection
     keep = detection.keep_mask[0]
-    files = {"masked": f"masked/{name}.png", "keep_mask": f"keep_masks/{name}.png",
+    files = {"masked": f"masked/{name}.png", "keep_mask": f"keep_masks/{name}.png", "soft_mask": f"heatmaps/{name}_soft_mask.png",
              "heatmap_shallow": f"heatmaps/{name}_shallow.png", "heatmap_deep": f"heatmaps/{name}_deep.png"}
     _to_png(defense.apply_mask(image[None], keep[None])[0], out / files["masked"])
     _to_png(keep.float(), out / files["keep_mask"])
+    _to_png(detection.soft_mask[0].float(), out / files["soft_mask"])
     heat = {"shallow": result.heatmaps.shallow[0].float(), "deep": result.heatmaps.deep[0].float()}
     for kind, values in heat.items():
         _to_png(values / HEATMAP_SCALE, out / files[f"heatmap_{kind}"])
     line = {"image": str(path), "output": name, "score": float(detection.score[0]), "flagged": bool(detection.flagged[0]),
-            "masked_fraction": float(1 - keep.float().mean()), "threshold": defense.state.threshold, "preprocessing": note,
+            "masked_fraction": float(1 - keep.float().mean()), "threshold": defense.state.threshold,
+            "mask_threshold": float(defense.config.mask_threshold), "preprocessing": note,
             "heatmap_max": {kind: float(values.max()) for kind, values in heat.items()}}
     prediction = _prediction(result.output, out, name)
     if "prediction" in prediction:
