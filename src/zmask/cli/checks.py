@@ -271,7 +271,8 @@ def check_command_paths(args: argparse.Namespace) -> None:
     elif command == "evaluate":
         check_input_paths(profile, "profile")
         check_input_paths(_patch_files(args), "patch")
-        check_output_folder(args.out, "--out", overwrite, [*profile, *_patch_files(args)])
+        if os.environ.get("RANK", "0").strip() in ("", "0"):  # under torchrun only rank 0 writes (and may find its own run.json)
+            check_output_folder(args.out, "--out", overwrite, [*profile, *_patch_files(args)])
     elif command == "demo":
         if args.out is None:
             args.out = str(default_demo_folder())
