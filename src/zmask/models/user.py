@@ -18,6 +18,7 @@ Data folders, by task (``FOLDER_LAYOUTS``, keyed by the names of ``zmask.tasks.T
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -25,7 +26,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..contracts import Task
-from ..errors import ConfigError, ZMaskTypeError
+from ..errors import ConfigError, ZMaskError, ZMaskTypeError
 from ..registry import Registry
 from ..tasks import TASKS, DetectionTask, SegmentationTask
 from .presets import ModelPreset, _coco_letterboxed, _coco_task, _letterbox_to_input, _resize_to_input, _segmentation_task
@@ -106,18 +107,45 @@ def _import_module(module: str, spec: str) -> Any:
         loaded = importlib.util.module_from_spec(file_spec)
         sys.modules[name] = loaded
         try:
-            file_spec.loader.exec_module(loaded)
+            with _user_code(spec, f"importing {path}"):
+                file_spec.loader.exec_module(loaded)
         except BaseException:
             del sys.modules[name]
             raise
         return loaded
     try:
-        return importlib.import_module(module)
+        with _user_code(spec, f"importing {module!r}"):
+            return importlib.import_module(module)
     except ModuleNotFoundError as error:
         if error.name and (module == error.name or module.startswith(error.name + ".")):
             raise ConfigError(f"model factory {spec!r}: no module named {error.name!r} on the Python path "
                               "(run from the folder that holds it, install it, or give a file: path/to/file.py:factory)") from None
         raise ConfigError(f"model factory {spec!r}: importing {module!r} failed: {error}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+@contextlib.contextmanager
+def _user_code(spec: str, doing: str) -> Iterator[None]:
+    """Run the user's code (importing the factory's module, calling the factory): a ``SyntaxError``,
+    an exception or a ``sys.exit()`` in it becomes one ``ConfigError`` naming the factory (the
+    original is chained, for ``--debug``); zmask's own errors, a missing module (reported by
+    :func:`_import_module`) and Ctrl-C pass through."""
+    try:
+        yield
+    except (ZMaskError, ModuleNotFoundError):
+        raise
+    except SyntaxError as error:
+        where = f" ({error.filename}, line {error.lineno})" if error.filename else ""
+        raise ConfigError(f"model factory {spec!r}: {doing} failed: the code does not parse: {error.msg}{where}") from error
+    except SystemExit as error:
+        raise ConfigError(f"model factory {spec!r}: {doing} called sys.exit({error.code!r}); "
+                          "a factory must return the model, not end the program") from error
+    except Exception as error:
+        raise ConfigError(f"model factory {spec!r}: {doing} raised {type(error).__name__}: {_first_line(error)}") from error
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:
@@ -150,7 +178,14 @@ def build_from_factory(spec: str, pretrained: bool = True, num_classes: int = 0)
         keywords["pretrained"] = pretrained
     if "num_classes" in parameters and num_classes:
         keywords["num_classes"] = num_classes
-    model = factory(**keywords)
+    required = [name for name, parameter in parameters.items() if parameter.default is inspect.Parameter.empty
+                and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and name not in keywords]
+    if required:
+        hint = " (give --num-classes)" if required == ["num_classes"] else ""
+        raise ConfigError(f"model factory {spec!r} needs the argument(s) {', '.join(map(repr, required))}{hint}: a factory is "
+                          "called with no arguments, or only pretrained= and num_classes=, and returns the model (an nn.Module)")
+    with _user_code(spec, "calling the factory"):
+        model = factory(**keywords)
     if not isinstance(model, nn.Module):
         raise ZMaskTypeError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module "
                              "(return the model wrapped so that it takes RGB in [0, 1]; see zmask.contracts.ModelWrapper)")
