@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from zmask.cli.bench import interleaved_medians
+from zmask.evaluation.cost import interleaved_medians
 from zmask.defense import ZMask
 from zmask.models import get_preset
 

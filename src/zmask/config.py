@@ -198,6 +198,15 @@ class ZMaskConfig:
     def replace(self, **changes: Any) -> ZMaskConfig:
         return dataclasses.replace(self, **changes)
 
+    def at_heatmap(self, heatmap_size: tuple[int, int]) -> ZMaskConfig:
+        """This configuration on another heatmap grid, the SPR kernels keeping their fraction of it
+        (:func:`scale_kernels`): the cost-aware fit's candidates (``FitPlan.max_overhead``)."""
+        size = _as_pair(heatmap_size, "heatmap_size")
+        if size == self.heatmap_size:
+            return self
+        return self.replace(heatmap_size=size, shallow_kernels=scale_kernels(self.shallow_kernels, self.heatmap_size, size),
+                            deep_kernels=scale_kernels(self.deep_kernels, self.heatmap_size, size))
+
     @classmethod
     def for_segmentation(cls, shallow_layers, deep_layers, input_size: tuple[int, int], heatmap_size=None, **kwargs: Any) -> ZMaskConfig:
         """The paper's segmentation setting (150x300 heatmap for 1024x2048) scaled to ``input_size``.

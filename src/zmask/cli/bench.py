@@ -9,9 +9,8 @@ as the paper describes SPR) runs once per thread count: it is slow.
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,20 +20,8 @@ from ..core.boxfilter import box_filter
 from ..core.fusion import fuse_and_score
 from ..core.refinement import layer_heatmap_direct
 from ..defense import ZMask
+from ..evaluation.cost import interleaved_medians
 from ..models import get_preset
-
-
-def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each function, run one after the other ``repeats`` times (after one warm-up each)."""
-    times: list[list[float]] = [[] for _ in functions]
-    for function in functions:  # warm-up: plans, buffers, allocator
-        function()
-    for _ in range(repeats):
-        for index, function in enumerate(functions):
-            start = time.perf_counter()
-            function()
-            times[index].append(time.perf_counter() - start)
-    return [statistics.median(values) for values in times]
 
 
 def _literal_analysis(defense: ZMask, images: torch.Tensor) -> torch.Tensor:
@@ -49,13 +36,23 @@ def _literal_analysis(defense: ZMask, images: torch.Tensor) -> torch.Tensor:
     return fuse_and_score(defense.state.fusion, shallow, deep, config.score)[1]
 
 
+def _shipped_config(preset: Any) -> Any:
+    """The configuration of the preset's shipped profile (its grid and layers are what users run),
+    or the preset's own when it has none."""
+    if preset.profile_record is None:
+        return preset.config()
+    from ..core.profile import load_profile
+
+    return load_profile(preset.profile()).config
+
+
 def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: bool = False, progress: bool = False,
                    threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 8), literal: bool = True) -> dict[str, Any]:
     """Per-frame costs of the defended model at each thread count: forward, defended clean frame
     (analysis, no second pass), flagged frame (analysis + masked second pass), the literal reference
     analysis, and images per second of defended clean frames for each batch size."""
     preset = get_preset(preset_name)
-    config = preset.config()
+    config = _shipped_config(preset)
     input_size = preset.input_size
     if quick:
         config = config.replace(heatmap_size=(32, 48), shallow_kernels=((8, 12), (4, 6)), deep_kernels=((8, 12),), mask_dilation=min(config.mask_dilation, 2))

@@ -210,13 +210,15 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.deep:
         overrides["deep_layers"] = tuple(args.deep)
     config = preset.config(**overrides)
+    if args.heatmap_size:
+        config = config.at_heatmap(tuple(args.heatmap_size))
     model = preset.build(True)
     dataset = CachedDataset(preset.dataset(args.split, None, args.data))
     patches = [_load_patch_file(p) for p in args.patches]
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
                    seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto", calibrate_mask=args.calibrate_mask,
-                   layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None)
+                   layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None, max_overhead=args.max_overhead)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
@@ -228,6 +230,13 @@ def run_fit(args: argparse.Namespace) -> int:
     path = atomic_write(args.out, defense.save)
     write_run_record(Path(str(path) + ".run"), args, {"report": report})
     calibration = report["calibration"]
+    if "cost" in report and not args.json:
+        cost = report["cost"]
+        grids = ", ".join(f"{g['heatmap_size'][0]}x{g['heatmap_size'][1]}: {g['clean_over_forward']:.2f}x" for g in cost["grids"])
+        print(f"heatmap grid {cost['chosen'][0]}x{cost['chosen'][1]} (defended clean frame / forward at {cost['threads']} threads: {grids}; "
+              f"budget {1 + cost['max_overhead']:.2f}x{'' if cost['within_budget'] else ', NOT met'})")
+        for layer, grids_evidence in cost["evidence"].items():
+            print(f"  {layer}: " + "; ".join(f"{grid}: AUC {e['auc']:.3f}, inside/outside {e['localisation']:.2f}" for grid, e in grids_evidence.items()))
     if "layer_selection" in report:
         from ..evaluation import LayerSelection
 

@@ -16,7 +16,8 @@ from ..core.fusion import FusionTraining
 from ..data.batching import dataset_length, image_batches
 from ..defense import ZMask
 from ..errors import ConfigError
-from .layer_selection import select_layers
+from .cost import CostChoice, choose_heatmap
+from .layer_selection import layer_evidence, select_layers
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ class FitPlan:
     clean and patched.
     ``calibrate_mask``: beyond the paper, choose the soft-mask threshold of Eq. 4 (0.5 in the paper)
     for the best patch-mask IoU on the patched calibration samples (:meth:`ZMask.calibrate`);
-    either way the fit reports that IoU and warns when the masks come out (nearly) empty."""
+    either way the fit reports that IoU and warns when the masks come out (nearly) empty.
+    ``max_overhead``: choose the heatmap grid (among ``heatmap_candidates``, default the configured
+    grid and its halvings) whose defended clean frame costs at most ``1 + max_overhead`` forward
+    passes on this machine (:func:`~zmask.evaluation.cost.choose_heatmap`), after the layers are
+    chosen; the report's ``cost`` gives the measured grids and the layer evidence at the configured
+    and the chosen grid."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -51,6 +57,8 @@ class FitPlan:
     layer_candidates: tuple[str, ...] | None = None
     selection_images: int = 40
     calibrate_mask: bool = False
+    max_overhead: float | None = None
+    heatmap_candidates: tuple[tuple[int, int], ...] = ()
 
 
 def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
@@ -131,6 +139,10 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
                                   batch_size=plan.batch_size, progress=progress)
         config = config.replace(shallow_layers=selection.shallow, deep_layers=selection.deep)
         logger.info("chose S = %s and D = %s among %d candidate layers", selection.shallow, selection.deep, len(selection.evidence))
+    cost = None
+    if plan.max_overhead is not None:
+        cost = _cost_aware_grid(model, config, statistics_set, fusion_set, patches, plan, progress)
+        config = config.at_heatmap(cost.chosen)
     defense = ZMask(model, config, seed=plan.seed)
     defense.fit_statistics(image_batches(statistics_set, plan.batch_size), progress=progress)
     fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements,
@@ -147,10 +159,30 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         "mask_threshold": defense.config.mask_threshold, "calibrate_mask": plan.calibrate_mask,
         "calibration_mask_iou": defense.state.calibration_mask_iou,
         "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
+        "heatmap_size": list(config.heatmap_size),
     }
     if selection is not None:
         report["layer_selection"] = selection.to_dict()
+    if cost is not None:
+        report["cost"] = cost.to_dict()
     defense.state.provenance = {"fit": report}
     logger.info("fitted Z-Mask: statistics on %d images, fusion block on %d (loss %.4f -> %.4f), lambda0 %.4f on %d",
                 len(statistics_set), len(fusion_set), history[0], history[-1], calibration.threshold, len(calibration_set))
     return defense, report
+
+
+def _cost_aware_grid(model: torch.nn.Module, config: ZMaskConfig, statistics_set: Dataset, fusion_set: Dataset,
+                     patches: Sequence[torch.Tensor], plan: FitPlan, progress: bool) -> CostChoice:
+    """The heatmap grid within ``plan.max_overhead`` (timed on the first statistics image), with the
+    layers' evidence (held-out fusion images, clean and patched) at the configured and the chosen grid."""
+    probe = statistics_set[0]["image"][None]
+    cost = choose_heatmap(model, config, probe, float(plan.max_overhead or 0), plan.heatmap_candidates or None)
+    count = min(plan.selection_images, dataset_length(statistics_set), dataset_length(fusion_set))
+    held_out = Subset(fusion_set, range(count))
+    patched = patched_batches(held_out, patches, plan.batch_size, plan.eot, plan.seed + 3, clean_share=0.0)
+    for grid in dict.fromkeys([config.heatmap_size, cost.chosen]):
+        evidence = layer_evidence(model, config.layers, config.at_heatmap(grid), Subset(statistics_set, range(count)), held_out, patched,
+                                  plan.batch_size, progress=progress)
+        for item in evidence:
+            cost.evidence.setdefault(item.layer, {})[f"{grid[0]}x{grid[1]}"] = {"auc": item.auc, "localisation": item.localisation}
+    return cost
