@@ -206,6 +206,11 @@ def check_output_file(path: str, flag: str, suffix: str, overwrite: bool, owned:
             raise UsageError(f"{flag} {target} exists (a {what} written by zmask); give --overwrite to replace it, or choose another path")
         if not os.access(target, os.W_OK):
             raise UsageError(f"{flag} {target} exists and is not writable")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {target}: its folder {parent} is not a writable folder")
     try:
         probe_writable(target)
     except FileWriteError as error:
@@ -216,9 +221,10 @@ def check_output_file(path: str, flag: str, suffix: str, overwrite: bool, owned:
 def check_patch_output(path: str, flag: str, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
     """``attack --out``: a ``.png`` that is new or a zmask patch (one with zmask's sidecar), and a
     sidecar path (``<name>.json``) that is free or zmask's own, never an unrelated JSON file."""
+    check_empty_text(path, flag, "file")
     target = Path(path)
-    sidecar = target.with_suffix(".json")
-    if str(path).strip() and target.suffix.lower() == ".png" and sidecar.exists() and not is_zmask_patch_sidecar(sidecar):
+    sidecar = target.with_suffix(".json") if target.name else target
+    if target.suffix.lower() == ".png" and sidecar.exists() and not is_zmask_patch_sidecar(sidecar):
         raise UsageError(f"{flag} {target}: its sidecar {sidecar} exists and was not written by zmask; "
                          "choose another name for the patch")
     target = check_output_file(path, flag, ".png", overwrite, lambda png: is_zmask_patch_sidecar(png.with_suffix(".json")),
@@ -264,6 +270,17 @@ def check_command_paths(args: argparse.Namespace) -> None:
     files carry their suffix and can be created."""
     command, overwrite = args.command, bool(getattr(args, "overwrite", False))
     profile = [args.profile] if getattr(args, "profile", None) else []
+    out = getattr(args, "out", None)
+    if out is not None:  # the output's form first: empty, a folder where a file belongs, the suffix
+        check_empty_text(out, "--out", "folder" if command in ("defend", "evaluate", "demo") else "file")
+        if command in ("fit", "attack"):
+            if Path(out).is_dir():
+                raise UsageError(f"--out {out} is a folder; give the path of the file to write (inside it, say)")
+            suffix = ".safetensors" if command == "fit" else ".png"
+            if Path(out).suffix.lower() != suffix:
+                raise UsageError(f"--out {out} must end with {suffix} (it is a {'profile' if command == 'fit' else 'patch PNG'})")
+        elif Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
     if command == "defend":
         check_input_paths(args.inputs, "input")
         check_input_paths(profile, "profile")
