@@ -652,3 +652,330 @@ def test_output_names_are_unique_and_deterministic(paths):
     assert names == _output_names(list(files))
     for path, name in zip(files, names):
         assert name.startswith(path.stem)
+
+
+# ====================================================================== issue 24: configs are data, numbers checked where they enter
+def raising_factory() -> torch.nn.Module:
+    """A factory that fails (``--model tests.test_fuzz:raising_factory``)."""
+    raise RuntimeError("the weights server is down")
+
+
+def exiting_factory() -> torch.nn.Module:
+    """A factory that ends the program with exit code 0, and no output."""
+    raise SystemExit(0)
+
+
+def string_factory() -> str:
+    """A factory that returns something other than a module."""
+    return "a model"
+
+
+NOT_A_CALLABLE = 42
+
+
+class RenamedToy(torch.nn.Module):
+    """The toy network with other layer names: the toy profile's layers c1..c3 are not there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        toy = seeded_toy()
+        self.d1, self.d2, self.d3 = toy.c1, toy.c2, toy.c3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.d3(torch.relu(self.d2(torch.relu(self.d1(x))))))
+
+
+def _factory_file(folder: Path, name: str, body: str) -> Path:
+    """A ``path.py`` model factory module that records its import in ``imported.txt`` first."""
+    path = folder / name
+    path.write_text(f"from pathlib import Path\nPath({str(folder / 'imported.txt')!r}).write_text('imported')\n{body}\n")
+    return path
+
+
+TOY_FACTORY_BODY = "from tests.toy import seeded_toy\ndef build():\n    return seeded_toy()\n"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+@pytest.mark.parametrize("command, key", [("attack", "model"), ("defend", "model"), ("models", "layers")])
+def test_a_config_file_cannot_make_zmask_run_code(capsys, tmp_path, suffix, command, key):
+    factory = _factory_file(tmp_path, "evil.py", TOY_FACTORY_BODY)
+    config = tmp_path / f"c{suffix}"
+    values = {key: f"{factory}:build", **({"out": str(tmp_path / "out.png")} if command == "attack" else {})}
+    config.write_text(json.dumps(values))  # JSON is YAML too
+    argv = [command, *(["x.png", "--out", str(tmp_path / "o")] if command == "defend" else []), "--config", str(config)]
+    err = _one_clean_error(capsys, argv, "names Python code to import and run")
+    assert len(err.splitlines()) == 1 and "--allow-config-code" in err and f"--{key} {factory}:build" in err
+    assert not (tmp_path / "imported.txt").exists()
+    # The user's own say-so on the command line: --allow-config-code for the file's value.
+    if command == "models":
+        assert main([*argv, "--allow-config-code", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == ["c1", "c2", "c3"] and (tmp_path / "imported.txt").exists()
+
+
+def test_the_model_named_on_the_command_line_wins_over_the_file(capsys, tmp_path):
+    factory = _factory_file(tmp_path, "evil.py", TOY_FACTORY_BODY)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {factory}:build\nnoise: true\nsize: S\n")
+    out = tmp_path / "p.png"
+    assert main(["attack", "--config", str(config), "--model", "espnet_camvid", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["model"] == "espnet_camvid"
+    assert not (tmp_path / "imported.txt").exists()
+    capsys.readouterr()
+    config.write_text("allow-config-code: true\n")  # the permission itself is command-line only
+    _one_clean_error(capsys, ["models", "--config", str(config)], "'allow_config_code' cannot be set in a configuration file")
+
+
+@pytest.mark.parametrize("name, text, key", [
+    ("YAML, top level", "steps: 2\nlr: 0.1\nsteps: 3\n", "'steps' twice (line 3)"),
+    ("YAML, nested", "steps: 2\nsize: {a: 1, a: 2}\n", "'a' twice (line 2)"),
+    ("YAML, quoted", "'steps': 2\n\"steps\": 3\n", "'steps' twice (line 2)"),
+    ("JSON", '{"steps": 2, "lr": 0.1, "steps": 3}', "'steps' twice"),
+    ("JSON, nested", '{"size": {"a": 1, "a": 2}}', "'a' twice"),
+], ids=lambda value: value if isinstance(value, str) and len(value) < 20 else None)
+def test_a_key_given_twice_in_a_config_is_an_error_naming_it(capsys, tmp_path, name, text, key):
+    config = tmp_path / ("c.json" if name.startswith("JSON") else "c.yaml")
+    config.write_text(text)
+    err = _one_clean_error(capsys, ["attack", "--config", str(config)], key)
+    assert len(err.splitlines()) == 1 and str(config) in err
+
+
+def test_config_merge_keys_may_override_and_unknown_keys_stay_errors(capsys, tmp_path):
+    from zmask.cli.parser import _load_config_file
+
+    config = tmp_path / "c.yaml"
+    config.write_text("base: &base {steps: 2, lr: 0.1}\nmerged:\n  <<: *base\n  steps: 3\n")
+    assert _load_config_file(str(config))["merged"] == {"steps": 3, "lr": 0.1}
+    for text, suffix in (('{"steps": 2, "stpes": 3}', ".json"), ("steps: 2\nstpes: 3\n", ".yaml")):
+        config = tmp_path / f"u{suffix}"
+        config.write_text(text)
+        err = _one_clean_error(capsys, ["attack", "--config", str(config)], "unknown options in")
+        assert "stpes" in err and len(err.splitlines()) == 1
+    config = tmp_path / "binary.yaml"
+    config.write_bytes(b"\xff\xfe\x00steps")
+    _one_clean_error(capsys, ["attack", "--config", str(config)], "is not UTF-8 text")
+
+
+RANGE_TOLERANCE = 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(low=st.floats(-1e38, 1e38) | st.sampled_from([NAN, INF, -INF, -1e-3, 1.001, 255.0]),
+       high=st.floats(-1e38, 1e38) | st.sampled_from([NAN, INF, 1.0005, 1.002, 255.0]))
+def test_images_are_finite_and_in_unit_range_or_refused(low, high):
+    """An image batch holding the values ``low`` and ``high`` (among values in [0, 1]) passes the entry
+    check exactly when both are finite and within [0, 1] give or take 1e-3, and the message gives the range."""
+    from zmask.validation import check_images
+
+    images = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    images[0, 0, 0, 0], images[0, 2, 7, 7] = low, high
+    fine = all(math.isfinite(v) and -RANGE_TOLERANCE <= v <= 1 + RANGE_TOLERANCE for v in (low, high))
+    if fine:
+        assert torch.equal(check_images(images), images)
+    else:
+        with pytest.raises(InputError, match=r"NaN or Inf|outside the expected range \[0, 1\]") as caught:
+            check_images(images)
+        assert "[0, 1]" in str(caught.value)
+
+
+@pytest.mark.parametrize("case, make, pattern", [
+    ("8-bit values", lambda x: (x * 255).round(), r"values in \[.*\], outside the expected range \[0, 1\]: 8-bit images in \[0, 255\]\? divide them by 255"),
+    ("in [-1, 1]", lambda x: x * 2 - 1, r"\[-1, 1\]\? map them with \(x \+ 1\) / 2"),
+    ("normalised by mean and std", lambda x: (x - 0.45) / 0.05, "scaled to .0, 1. .8-bit values / 255., before any normalisation"),
+    ("scaled by 1e30", lambda x: x * 1e30, "outside the expected range"),
+    ("filled with 3e38", lambda x: torch.full_like(x, 3e38), "outside the expected range"),
+    ("a NaN", lambda x: x.index_put_((torch.tensor(0),), torch.tensor(NAN)), r"NaN or Inf values .* expected finite values in \[0, 1\]"),
+], ids=lambda value: value if isinstance(value, str) and len(value) < 30 else None)
+def test_the_defense_refuses_images_outside_the_unit_range(fitted, case, make, pattern):
+    images = make(clean_batches(1, 1)[0].clone())
+    with pytest.raises(InputError, match=pattern):
+        fitted(images)
+    with pytest.raises(InputError, match=pattern):
+        fitted.detect(images, gate=False)
+
+
+def test_rounding_beyond_the_unit_range_is_accepted_unchanged(fitted):
+    images = clean_batches(1, 1)[0].clone()
+    images[0, 0, 0, :3] = torch.tensor([1.0005, -0.0005, 1.0])
+    assert fitted(images).output.shape[0] == 1  # accepted: the model gets the values as given
+
+
+def test_range_check_costs_a_fraction_of_the_old_finite_check():
+    """The entry check is one fused aminmax: on a 1 x 3 x 360 x 480 image it costs no more than the
+    isfinite().all() pass it replaces (and far less than any model's forward pass)."""
+    import timeit
+
+    from zmask.validation import check_values
+
+    image = torch.rand(1, 3, 360, 480)
+    check = min(timeit.repeat(lambda: check_values(image, "x"), number=20, repeat=5))
+    old = min(timeit.repeat(lambda: bool(torch.isfinite(image).all()), number=20, repeat=5))
+    assert check < 2 * old + 1e-3, (check, old)
+
+
+def test_art_detector_refuses_images_in_0_255(fitted):
+    pytest.importorskip("art")
+    from zmask.integrations.art import ZMaskDetector
+
+    detector = ZMaskDetector(fitted)
+    images = clean_batches(1, 2)[0]
+    report, flags = detector.detect(images.numpy())
+    assert flags.shape == (2,)
+    with pytest.raises(InputError, match=r"x has values in \[.*\], outside the expected range \[0, 1\]: .*divide them by 255"):
+        detector.detect((images * 255).numpy())
+
+
+@pytest.mark.parametrize("patch, pattern", [
+    (torch.full((3, 8, 8), NAN), r"NaN or Inf values \(192 of 192\)"),
+    (torch.rand(3, 8, 8).index_put_((torch.tensor(1),), torch.tensor(INF)), "NaN or Inf"),
+    (torch.rand(3, 8, 8) * 255, r"outside the expected range \[0, 1\]: 8-bit patches in \[0, 255\]\? divide them by 255"),
+    (torch.rand(3, 8, 8) - 0.5, r"outside the expected range \[0, 1\]"),
+    (torch.rand(4, 8, 8), r"must be 3 x h x w"),
+    ((torch.rand(3, 8, 8) * 255).to(torch.uint8), "floating-point"),
+], ids=["NaN", "Inf", "0-255", "negative", "4 channels", "uint8"])
+def test_a_bad_patch_is_never_saved(tmp_path, patch, pattern):
+    path = tmp_path / "patch.png"
+    with pytest.raises(ZMaskError, match=pattern) as caught:
+        save_patch(patch, path)
+    assert str(path) in str(caught.value) and not path.exists() and not path.with_suffix(".json").exists()
+
+
+def test_a_patch_within_rounding_saves_as_before(tmp_path):
+    patch = torch.rand(3, 8, 8)
+    patch[0, 0, :2] = torch.tensor([1.0005, -0.0005])
+    loaded, _ = load_patch(save_patch(patch, tmp_path / "p.png"))
+    assert torch.equal(loaded, (patch.clamp(0, 1) * 255).round() / 255)
+
+
+def _camvid_folder(root: Path, count: int) -> Path:
+    root.mkdir()
+    lines = []
+    for index in range(count):
+        Image.fromarray(RGB8).save(root / f"i{index}.png")
+        Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / f"l{index}.png")
+        lines.append(f"i{index}.png l{index}.png")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("limit, error", [(0, InputError), (-1, InputError), (-5, InputError), (True, ZMaskTypeError),
+                                          (2.5, ZMaskTypeError), ("3", ZMaskTypeError)], ids=["0", "-1", "-5", "True", "2.5", "'3'"])
+def test_limit_must_be_a_positive_integer_for_every_dataset(tmp_path, limit, error):
+    from zmask.data import CamVid, Cityscapes, CocoDetection, ImageFolder
+
+    root = _camvid_folder(tmp_path / "camvid", 3)
+    for make in (lambda: CamVid(root, "train", limit=limit), lambda: ImageFolder(root, limit=limit),
+                 lambda: Cityscapes(tmp_path, limit=limit), lambda: CocoDetection(root, root / "none.json", limit=limit)):
+        with pytest.raises(error, match=r"limit.* must be a positive integer"):
+            make()
+
+
+def test_a_positive_limit_takes_that_many_items(tmp_path):
+    from zmask.data import CamVid, ImageFolder
+
+    root = _camvid_folder(tmp_path / "camvid", 3)
+    assert [len(CamVid(root, "train", limit=n)) for n in (None, 1, 2, 3, 10)] == [3, 1, 2, 3, 3]
+    assert [len(ImageFolder(root, limit=n)) for n in (None, 1, 6)] == [6, 1, 6]  # images and labels: six PNGs
+
+
+# ---------------------------------------------------------------------- one line, exit code 2, before any long work
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fail the test if the command gets as far as building a model."""
+    from zmask.cli import commands
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command built the model before checking its arguments")
+
+    monkeypatch.setattr(commands, "_model_preset", refuse)
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--beta-patch", "abc={patch}"], "--beta-patch expects BETA=PNG with a number in [0, 1], got 'abc'"),
+    (["--beta-patch", "nan={patch}"], "--beta-patch expects BETA=PNG with a number in [0, 1], got 'nan'"),
+    (["--beta-patch", "2={patch}"], "got '2'"),
+    (["--beta-patch", "0.5={patch}", "--beta-patch", "0.50={patch}"], "beta 0.5 is given twice"),
+    (["--alpha-patch", "mask:x={patch}"], "--alpha-patch expects ATTACK:ALPHA=PNG with a number in [0, 1], got 'x'"),
+    (["--alpha-patch", "0.5={patch}"], "--alpha-patch expects ATTACK:ALPHA=PNG, got '0.5="),
+    (["--alpha-patch", ":0.5={patch}"], "--alpha-patch expects ATTACK:ALPHA=PNG"),
+    (["--patch", "={patch}"], "--patch expects NAME=PNG, got '="),
+    (["--patch", "L"], "--patch expects NAME=PNG, got 'L'"),
+    (["--patch", "L={patch}", "--patch", "L={patch}"], "--patch 'L' is given twice"),
+    (["--patch", "L={tmp}/missing.png"], "does not exist"),
+], ids=["beta abc", "beta nan", "beta 2", "beta twice", "alpha mask:x", "alpha without attack", "alpha empty attack",
+        "patch without name", "patch without =", "patch twice", "patch missing"])
+def test_evaluate_patch_arguments_are_checked_first(capsys, tmp_path, profile, no_model_built, flags, pattern):
+    patch = save_patch(torch.rand(3, 8, 8), tmp_path / "p.png")
+    argv = ["evaluate", *TOY_MODEL, "--profile", str(profile), "--out", str(tmp_path / "report"),
+            *[f.replace("{patch}", str(patch)).replace("{tmp}", str(tmp_path)) for f in flags]]
+    err = _one_clean_error(capsys, argv, pattern)
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ("tests.test_fuzz:raising_factory", "calling the factory raised RuntimeError: the weights server is down"),
+    ("tests.test_fuzz:exiting_factory", "calling the factory called sys.exit(0); a factory must return the model"),
+    ("tests.test_fuzz:string_factory", "returned a str, not a torch.nn.Module"),
+    ("tests.test_fuzz:NOT_A_CALLABLE", "is a int, not a callable"),
+    ("os:system", "needs the argument(s) 'command'"),
+    ("{tmp}/syntax.py:build", "failed: the code does not parse: "),
+    ("{tmp}/raises.py:build", "raised ZeroDivisionError: division by zero"),
+    ("{tmp}/exits.py:build", "called sys.exit(0)"),
+    ("{tmp}/needs.py:build", "needs the argument(s) 'depth'"),
+], ids=["raises", "sys.exit(0)", "returns a string", "not callable", "os:system", "syntax error", "raises on import",
+        "exits on import", "needs an argument"])
+@pytest.mark.parametrize("command", ["models", "defend"])
+def test_bad_factories_are_one_line_errors(capsys, tmp_path, profile, command, spec, pattern):
+    (tmp_path / "syntax.py").write_text("def build(:\n    pass\n")
+    (tmp_path / "raises.py").write_text("1 / 0\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "needs.py").write_text("def build(depth):\n    pass\n")
+    spec = spec.replace("{tmp}", str(tmp_path))
+    if command == "models":
+        argv = ["models", "--layers", spec]
+    else:
+        image = _write(tmp_path / "x.png", RGB8)
+        argv = ["defend", str(image), "--model", spec, *TOY_MODEL[2:], "--profile", str(profile), "--out", str(tmp_path / "o")]
+    err = _one_clean_error(capsys, argv, pattern)
+    assert len(err.splitlines()) == 1 and spec in err
+
+
+def test_a_profile_for_other_layers_is_one_line_from_the_cli(capsys, tmp_path, profile):
+    image = _write(tmp_path / "x.png", RGB8)
+    argv = ["defend", str(image), "--model", "tests.test_fuzz:RenamedToy", *TOY_MODEL[2:], "--profile", str(profile), "--out", str(tmp_path / "o")]
+    err = _one_clean_error(capsys, argv, str(profile))  # the lead's wording: another model, or a missing layer
+    assert len(err.splitlines()) == 1 and ("RenamedToy" in err or "'c1'" in err)
+
+
+@pytest.mark.parametrize("environment, pattern", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 asks for a distributed run, but RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "but MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "but MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=5 must be in [0, 1] (WORLD_SIZE=2)"),
+    ({"WORLD_SIZE": "2", "RANK": "-1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=-1 must be in [0, 1]"),
+    ({"WORLD_SIZE": "2", "RANK": "a", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK='a' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"}, "MASTER_PORT=70000 must be in [1, 65535]"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE=-2 must be a positive integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "ZMASK_DIST_TIMEOUT": "0"},
+     "ZMASK_DIST_TIMEOUT='0' must be a number of seconds"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "ZMASK_DIST_TIMEOUT": "1"},
+     "as rank 0 of 2 at MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: the other ranks did not join within 1 s (ZMASK_DIST_TIMEOUT"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "ZMASK_DIST_TIMEOUT": "1"},
+     "as rank 1 of 2 at MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: the other ranks did not join within 1 s"),
+], ids=["no RANK", "no MASTER_ADDR", "no MASTER_PORT", "RANK 5", "RANK -1", "RANK a", "port 70000", "WORLD_SIZE two",
+        "WORLD_SIZE -2", "timeout 0", "rank 0 alone", "rank 1 alone"])
+def test_distributed_environment_errors_are_one_line_and_bounded(capsys, tmp_path, profile, monkeypatch, environment, pattern):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a free port, for the runs that get as far as joining
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "ZMASK_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**environment, **({"MASTER_PORT": port} if "ZMASK_DIST_TIMEOUT" in environment and "MASTER_PORT" not in environment else {})}.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    err = _one_clean_error(capsys, ["evaluate", *TOY_MODEL, "--profile", str(profile), "--out", str(tmp_path / "r")], pattern.replace("{port}", port))
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert time.monotonic() - started < 30

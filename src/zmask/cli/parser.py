@@ -28,28 +28,87 @@ PROFILE_HELP = "profile file from `zmask fit` (default: the profile shipped with
 MAX_CONFIG_BYTES = 1024 * 1024
 ALLOW_OTHER_WEIGHTS_HELP = ("use the profile even though the model's weights differ from those it was fitted on "
                             "(its recorded weights fingerprint); the statistics are then those of other weights")
-# Namespace entries a --config file may not set: the subcommand, internal fields, --debug, --config.
-CONFIG_FORBIDDEN = frozenset({"command", "required_options", "debug", "config"})
+# Namespace entries a --config file may not set: the subcommand, internal fields, --debug, --config,
+# and the permission to name code, which only the command line gives.
+CONFIG_FORBIDDEN = frozenset({"command", "required_options", "debug", "config", "allow_config_code"})
+# Options whose value may name Python code to import and run (``module:factory``, ``path.py:factory``).
+CODE_OPTIONS = ("model", "layers")
+ALLOW_CONFIG_CODE_HELP = ("let the --config file name Python code to import and run (a --model module:factory or "
+                          "path.py:factory); without it a configuration file may name presets, paths and numbers only, "
+                          "and your own model is given with --model on the command line")
 # What each subcommand's --out is: (a folder?, required file suffix); checked before any work starts.
 OUTPUTS: dict[str, tuple[bool, str | None]] = {
     "demo": (True, None), "fit": (False, None), "defend": (True, None), "attack": (False, ".png"), "evaluate": (True, None),
 }
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a configuration file (``where``: its line, if known)."""
+
+    def __init__(self, key: Any, where: str = "") -> None:
+        super().__init__(key, where)
+        self.key, self.where = key, where
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook``: a dict, or :class:`_DuplicateKey` for a key given twice."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that raises :class:`_DuplicateKey` for a key given twice in one mapping
+    (PyYAML keeps the last value without a word); merge keys (``<<: *base``) may still be overridden."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if duplicate:
+                        raise _DuplicateKey(key, f" (line {key_node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def _load_config_file(path: str) -> dict[str, Any]:
+    """The option values of a YAML or JSON ``--config`` file (a mapping; no key twice, no tags that
+    build Python objects: ``yaml.SafeLoader``)."""
     import yaml
 
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UsageError(f"configuration file {file} does not exist")
+    if not file.is_file():
+        raise UsageError(f"configuration file {file} is not a file")
     if file.stat().st_size > MAX_CONFIG_BYTES:
         raise UsageError(f"configuration file {file} is larger than {MAX_CONFIG_BYTES} bytes")
-    text = file.read_text()
+    kind = "JSON" if file.suffix.lower() == ".json" else "YAML"
     try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        text = file.read_bytes().decode("utf-8")
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON" else yaml.load(text, Loader=_yaml_loader())
+    except _DuplicateKey as duplicate:
+        raise UsageError(f"configuration file {file} sets {_describe(duplicate.key)} twice{duplicate.where}: "
+                         "keep one (a repeated key would silently take the last value)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"configuration file {file} is not UTF-8 text") from None
     except (ValueError, RecursionError, yaml.YAMLError) as error:  # JSONDecodeError is a ValueError
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).replace("\n", " ")
-        raise UsageError(f"configuration file {file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {reason}") from None
+        reason = "nested too deeply" if isinstance(error, RecursionError) else " ".join(str(error).split())
+        raise UsageError(f"configuration file {file} is not valid {kind}: {reason}") from None
     if not isinstance(data, dict):
         raise UsageError(f"configuration file {file} must hold a mapping of option names to values")
     values: dict[str, Any] = {}
@@ -93,6 +152,7 @@ def _add_user_model(parser: argparse.ArgumentParser, layers: bool = True) -> Non
                             "(required for a module:factory model, unless its --profile records it)")
     group.add_argument("--num-classes", type=positive_int(65536), help="classes the model predicts (segmentation: required for a module:factory model)")
     group.add_argument("--ignore-index", type=int, help="label value of unlabelled pixels in a segmentation --data folder (default 255)")
+    group.add_argument("--allow-config-code", action="store_true", help=ALLOW_CONFIG_CODE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = command("models", "list model presets and their layers")
     models.add_argument("--layers", metavar="MODEL", help="list every layer name of a preset or of a module:factory model")
+    models.add_argument("--allow-config-code", action="store_true", help=ALLOW_CONFIG_CODE_HELP)
 
     assets = command("assets", "which assets are present, which are missing, where each comes from")
     assets.add_argument("--download", metavar="NAME", help="download an asset that has a public URL into the cache")
@@ -305,7 +366,24 @@ def _apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace
             raise UsageError(f"unknown options in {args.config}: {key} (options of zmask {args.command}: {', '.join(known)})")
     parsed = {key: _config_value(actions[key], key, value, args.config) for key, value in values.items()}
     given = _explicit_options(args.command, argv)
+    _refuse_config_code(args, parsed, given)
     for key, value in parsed.items():
         if key not in given:
             setattr(args, key, value)
     return args
+
+
+def _refuse_config_code(args: argparse.Namespace, parsed: dict[str, Any], given: set[str]) -> None:
+    """A configuration file is data: a ``module:factory`` it names (code that zmask would import and
+    run) is refused unless the command line names the model itself (then the file's value is not
+    used) or gives ``--allow-config-code``."""
+    if getattr(args, "allow_config_code", False):
+        return
+    for key in CODE_OPTIONS:
+        value = parsed.get(key)
+        if key in given or not isinstance(value, str) or ":" not in value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise UsageError(f"configuration file {args.config}: {key} {_describe(value)} names Python code to import and run, which a "
+                         f"configuration file may not do: give {flag} {value} on the command line, or add --allow-config-code "
+                         f"if you trust {args.config}")
