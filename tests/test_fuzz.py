@@ -979,3 +979,24 @@ def test_distributed_environment_errors_are_one_line_and_bounded(capsys, tmp_pat
     err = _one_clean_error(capsys, ["evaluate", *TOY_MODEL, "--profile", str(profile), "--out", str(tmp_path / "r")], pattern.replace("{port}", port))
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert time.monotonic() - started < 30
+
+
+def test_a_failed_collective_is_one_clear_error(monkeypatch):
+    """A rank that stops mid-run breaks the others' collectives: a one-line ConfigError naming the rank, not torch's traceback."""
+    import torch.distributed as dist
+
+    from zmask import distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: 1)
+
+    def broken(*args, **kwargs):
+        raise dist.DistNetworkError("Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(dist, "all_gather_object", broken)
+    monkeypatch.setattr(dist, "all_reduce", broken)
+    with pytest.raises(ConfigError, match=r"rank 1 of 2: gathering results across the ranks failed \(DistNetworkError: Connection closed"):
+        distributed.all_gather_objects([1])
+    with pytest.raises(ConfigError, match="rank 1 of 2: summing results across the ranks failed .*another rank probably stopped"):
+        distributed.all_reduce_sum(torch.zeros(1))

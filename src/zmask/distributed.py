@@ -33,10 +33,24 @@ def shard(dataset: Dataset, rank: int | None = None, world: int | None = None) -
     return Subset(dataset, list(range(rank, len(dataset), world)))
 
 
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """torch's errors from a collective (a rank that stopped, a broken connection, a timeout) as one
+    ``ConfigError`` naming this rank; the original is chained."""
+    try:
+        yield
+    except dist.DistError as error:
+        rank, world = rank_and_world()
+        text = " ".join(str(error).split())[:300]
+        raise ConfigError(f"rank {rank} of {world}: {what} across the ranks failed ({type(error).__name__}: {text}); "
+                          "another rank probably stopped: see its own error") from error
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor across ranks (in place, returned); unchanged when not distributed."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with _collective("summing results"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -44,7 +58,8 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
     """Concatenate a list of picklable Python objects across ranks (local list when not distributed)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, items)
+        with _collective("gathering results"):
+            dist.all_gather_object(gathered, items)
         return [item for part in gathered for item in part]
     return list(items)
 
