@@ -104,6 +104,10 @@ def test_demo_quick(capsys, workspace):
     summary = json.loads(out)
     assert code == 0 and (workspace / "demo" / "demo.png").is_file()
     assert 0.0 <= summary["miou_attacked"] <= 1.0 and "auc_clean_vs_attacked" in summary
+    from zmask.fileio import default_file_mode
+
+    assert (workspace / "demo" / "espnet_camvid.zmask.safetensors").stat().st_mode & 0o777 == default_file_mode()  # not 0600
+    assert json.loads((workspace / "demo" / "run.json").read_text())["status"] == "complete"
 
 
 def _one_line_error(capsys, argv, pattern):
