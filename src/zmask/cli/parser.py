@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: choose S and D on the training images (separability, localisation, cost of every candidate "
                           "layer down to 1/8 resolution); the evidence goes into the profile")
     fit.add_argument("--layer-candidates", nargs="+", metavar="LAYER", help="with --layers auto: the layers to choose among")
+    fit.add_argument("--max-overhead", type=probability, metavar="R",
+                     help="choose the heatmap grid (the preset's, then halved) whose defended clean frame costs at most 1 + R forward "
+                          "passes on this machine at --threads (0.25: within 1.25x); the profile records the measured grids and the "
+                          "layers' evidence at the preset's and the chosen grid (default: the preset's grid)")
+    fit.add_argument("--heatmap-size", type=positive_int(4096), nargs=2, metavar=("H", "W"),
+                     help="the heatmap grid (SPR kernels scaled with it); with --max-overhead, the finest grid to try")
     fit.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=40, help="fusion block training epochs (default 40; at least 300 optimiser steps are taken)")
 
     defend = command("defend", "run a fitted defense on images or videos: masked images, masks, heatmaps, one JSON line per image "
