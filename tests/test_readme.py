@@ -40,7 +40,7 @@ _EVALUATE_SMALL = "--limit 1 --train-images 2 --defenses zmask none --no-progres
 
 #: README command line -> flags the test appends (small sizes; outputs inside the scratch folder).
 SMALL_SIZES: dict[str, str] = {
-    "zmask demo": "--quick --no-progress --out demo",
+    "zmask demo": "--quick --no-progress --out demo --overwrite",  # README and docs/cli.md both run it in one scratch folder
     "zmask fit --config experiments/espnet_camvid_fit.yaml": f"--out espnet_camvid.safetensors {_FIT_SMALL}",
     "zmask evaluate --config experiments/espnet_camvid.yaml": (
         f"--profile espnet_camvid.safetensors --out reports/espnet_camvid {_EVALUATE_SMALL} --patch L={_ESPNET_L} "
