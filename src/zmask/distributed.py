@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
+from .data.batching import dataset_length
 from .errors import ConfigError
 
 
@@ -30,7 +31,7 @@ def shard(dataset: Dataset, rank: int | None = None, world: int | None = None) -
     rank, world = default_rank if rank is None else rank, default_world if world is None else world
     if world == 1:
         return dataset
-    return Subset(dataset, list(range(rank, len(dataset), world)))
+    return Subset(dataset, list(range(rank, dataset_length(dataset), world)))
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ def test_placement_is_seeded_and_border_rules():
         apply_patch(images, patch, eot=EOTConfig.none(), position=(30, 30))
     partial = apply_patch(images, patch, eot=EOTConfig.none(), position=(-2, 29), allow_border=True)
     assert int(partial.masks.sum()) == 3 * (4 * 3)
-    with pytest.raises(ZMaskError, match="4 channels"):
+    with pytest.raises(ZMaskError, match=r"must be 3 x h x w.*\(4, 6, 6\)"):
         apply_patch(images, torch.rand(4, 6, 6))
 
 

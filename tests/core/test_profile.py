@@ -37,6 +37,19 @@ def test_round_trip_gives_identical_results(saved):
     torch.testing.assert_close(first.output, second.output, rtol=0, atol=0)
 
 
+def test_saved_profile_has_the_umask_mode_and_no_leftovers(saved, tmp_path):
+    import os
+
+    defense, _ = saved
+    previous = os.umask(0o022)
+    try:
+        path = defense.save(tmp_path / "mode.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # not the 0600 of a temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mode.safetensors"]  # written atomically, no temporary left
+
+
 def test_truncated_profile(saved, tmp_path):
     _, path = saved
     data = path.read_bytes()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ZMaskError
+from ..validation import check_patch
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,6 @@ class PatchedBatch:
 PatchTransform = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
-def check_patch(patch: torch.Tensor, channels: int = 3) -> torch.Tensor:
-    if not isinstance(patch, torch.Tensor) or patch.dim() != 3:
-        raise ZMaskError(f"a patch must be a C x h x w tensor, got {getattr(patch, 'shape', type(patch).__name__)}")
-    if patch.shape[0] != channels:
-        raise ZMaskError(f"the patch has {patch.shape[0]} channels, the images {channels}")
-    return patch
-
-
 def apply_patch(
     images: torch.Tensor,
     patch: torch.Tensor,
@@ -77,7 +70,7 @@ def apply_patch(
     such that it lies inside the image. With ``allow_border`` a random corner may put part of the
     patch outside (that part is cropped); without it a patch that cannot fit is an error.
     """
-    check_patch(patch, images.shape[1])
+    check_patch(patch, channels=int(images.shape[1]))
     batch, _, height, width = images.shape
     patched, masks, boxes = [], [], []
     for index in range(batch):

@@ -238,7 +238,7 @@ def check_input_paths(paths: Iterable[str], what: str) -> None:
     """Each input path exists (checked before torch is imported: a typo answers at once)."""
     for entry in paths:
         if not str(entry).strip():
-            raise UsageError(f"an {what} path is empty")
+            raise UsageError(f"{'an' if what[:1] in 'aeiou' else 'a'} {what} path is empty")
         if not Path(entry).exists():
             raise UsageError(f"{what} {entry} does not exist")
 

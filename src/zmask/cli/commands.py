@@ -224,10 +224,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")
     defense, report = fit_zmask(model, config, dataset, patches, plan, progress=not args.no_progress)
     defense.state.provenance = {**(defense.state.provenance or {}), "model": preset.name}  # named when a profile meets another model
-    from ..fileio import atomic_write
-
-    # atomically, with the umask's mode: a full disk or a file-size limit leaves an earlier profile intact
-    path = atomic_write(args.out, defense.save)
+    path = defense.save(args.out)  # atomically: a full disk or a file-size limit leaves an earlier profile intact
     write_run_record(Path(str(path) + ".run"), args, {"report": report})
     calibration = report["calibration"]
     if "cost" in report and not args.json:

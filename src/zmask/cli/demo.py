@@ -14,7 +14,6 @@ from ..attacks import load_patch
 from ..core.fusion import FusionTraining
 from ..data.cache import CachedDataset
 from ..errors import ZMaskError
-from ..fileio import atomic_write
 from ..evaluation import FitPlan, NoDefense, PatchSetting, ZMaskDefense, evaluate, fit_zmask, place_patches
 from ..evaluation.report import examples_figure
 from ..models import get_preset
@@ -39,7 +38,7 @@ def run_demo(out: Path, images: int = 40, quick: bool = False, seed: int = 0, pr
             else FitPlan(80, 100, 60, fusion=FusionTraining(epochs=30, batch_size=15, learning_rate=0.01, seed=seed), seed=seed))
     defense, fit_report = fit_zmask(model, preset.config(), train, patches, plan, progress)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "espnet_camvid.zmask.safetensors", defense.save)  # the umask's mode, never half a file
+    defense.save(out / "espnet_camvid.zmask.safetensors")  # atomically, with the umask's mode
     task = preset.task_for(model, "val")
     attack = PatchSetting("L patch (beta=1)", patches[0])
     results, _ = evaluate(task, val, [PatchSetting("clean"), attack], [NoDefense(model), ZMaskDefense(defense)], seed, 4, progress)

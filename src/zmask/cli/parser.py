@@ -36,12 +36,6 @@ CODE_OPTIONS = ("model", "layers")
 ALLOW_CONFIG_CODE_HELP = ("let the --config file name Python code to import and run (a --model module:factory or "
                           "path.py:factory); without it a configuration file may name presets, paths and numbers only, "
                           "and your own model is given with --model on the command line")
-# What each subcommand's --out is: (a folder?, required file suffix); checked before any work starts.
-OUTPUTS: dict[str, tuple[bool, str | None]] = {
-    "demo": (True, None), "fit": (False, None), "defend": (True, None), "attack": (False, ".png"), "evaluate": (True, None),
-}
-
-
 class _DuplicateKey(Exception):
     """A key given twice in one mapping of a configuration file (``where``: its line, if known)."""
 
@@ -322,13 +316,17 @@ def _config_value(action: argparse.Action, key: str, value: Any, file: str) -> A
     where = f"configuration file {file}: option {key!r}"
 
     def one(item: Any) -> Any:
+        convert = action.type
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise UsageError(f"{where} expects {action.type.__name__ if action.type else 'a string'}, got {_describe(item)}")
-        if action.type is None:
+            expected = getattr(convert, "__name__", "a string") if convert is not None else "a string"
+            raise UsageError(f"{where} expects {expected}, got {_describe(item)}")
+        if convert is None:
             converted: Any = str(item)
         else:
+            if not callable(convert):
+                raise UsageError(f"{where}: the option takes no value from a file")
             try:
-                converted = action.type(str(item))
+                converted = convert(str(item))
             except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
                 raise UsageError(f"{where}: {error}") from None
         if action.choices is not None and converted not in action.choices:

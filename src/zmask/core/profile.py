@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from .._version import __version__
 from ..config import ZMaskConfig
 from ..errors import ProfileError, ZMaskError
+from ..fileio import atomic_write
 from .calibration import Calibration
 from .capture import RepeatPolicy, resolve_modules, run_and_capture
 from .fusion import PARAMETER_NAMES, FusionBlock
@@ -95,7 +96,7 @@ class Profile:
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
-    """Write ``profile`` to ``path`` (a ``.safetensors`` file)."""
+    """Write ``profile`` to ``path`` (a ``.safetensors`` file), atomically (:func:`zmask.fileio.atomic_write`)."""
     state = profile.state
     tensors: dict[str, torch.Tensor] = {}
     for name, stats in profile.statistics.items():
@@ -125,10 +126,8 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
     if state.extremes:
         metadata["extreme_threshold"] = json.dumps(state.extreme_threshold)
         metadata["extreme_calibration"] = json.dumps(_record(state.extreme_calibration))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    # Atomically, with the umask's mode: a full disk or a file-size limit leaves an earlier profile intact.
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _record(calibration: Calibration | None) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from ..contracts import Task
 from ..errors import ConfigError, ZMaskError, ZMaskTypeError
 from ..registry import Registry
 from ..tasks import TASKS, DetectionTask, SegmentationTask
+from ..tasks.registry import is_preset_task
 from .presets import ModelPreset, _coco_letterboxed, _coco_task, _letterbox_to_input, _resize_to_input, _segmentation_task
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def build_from_factory(spec: str, pretrained: bool = True, num_classes: int = 0)
     """Call the factory of ``spec`` (with ``pretrained`` / ``num_classes`` where it declares them) and
     check that it returned an ``nn.Module``; the model is put in eval mode."""
     factory = load_factory(spec)
+    parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -204,6 +206,8 @@ def preset_from_factory(spec: str, task: str, input_size: tuple[int, int], shall
     is built, and the layer names checked against it, when it is used (``ZMask``, ``ZMask.load``).
     """
     task_type = TASKS.get(task)
+    if not is_preset_task(task_type):
+        raise ConfigError(f"task {task!r} gives no paper configuration (paper_config): a model of it cannot be fitted from the command line")
     layout = FOLDER_LAYOUTS.get(task)
     if bool(shallow_layers) != bool(deep_layers):
         raise ConfigError(f"model factory {spec!r}: give both its shallow and its deep layers (see `zmask models --layers {spec}`)")
