@@ -20,6 +20,10 @@ from pathlib import Path
 
 from .errors import ZMaskError
 
+#: The first line of a Markdown table that ``zmask table`` writes: how zmask recognises its own
+#: file before replacing it (``--overwrite``).
+TABLE_MARKER = "<!-- written by zmask table: regenerate, do not edit -->"
+
 __all__ = ["FileWriteError", "atomic_write", "atomic_write_text", "creatable", "default_file_mode", "probe_writable"]
 
 

@@ -234,6 +234,17 @@ def check_patch_output(path: str, flag: str, overwrite: bool, inputs: Iterable[s
     return target
 
 
+def _is_zmask_table(path: Path) -> bool:
+    """Whether ``path`` is a table ``zmask table`` wrote (its first line is the marker)."""
+    from ..fileio import TABLE_MARKER
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().strip() == TABLE_MARKER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def check_input_paths(paths: Iterable[str], what: str) -> None:
     """Each input path exists (checked before torch is imported: a typo answers at once)."""
     for entry in paths:
@@ -299,6 +310,15 @@ def check_command_paths(args: argparse.Namespace) -> None:
         check_output_file(args.out, "--out", ".safetensors", overwrite, is_zmask_profile, "profile", args.patches)
         if Path(args.out + ".run").exists():  # the fit's run record folder beside the profile
             check_output_folder(args.out + ".run", "--out (its run record)", True)
+    elif command == "table":
+        folders = []
+        for entry in args.report:
+            name, sign, folder = entry.partition("=")
+            if not sign or not name or not folder:
+                raise UsageError(f"--report {entry!r}: give PRESET=FOLDER (the folder of that preset's zmask evaluate report)")
+            folders.append(str(Path(folder) / "results.json"))
+        check_input_paths(folders, "report")
+        check_output_file(args.out, "--out", ".md", overwrite, _is_zmask_table, "table", folders)
     elif command == "attack":
         inputs = [p for p in (args.resume, getattr(args, "profile", None)) if p]
         check_input_paths(inputs, "input")

@@ -656,7 +656,37 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_table(args: argparse.Namespace) -> int:
+    import json
+
+    from ..core.profile import load_profile
+    from ..evaluation.models_table import ModelRow, models_markdown, row_from_report
+    from ..fileio import atomic_write_text
+    from ..models import get_preset
+    from .bench import run_benchmarks
+
+    rows: list[ModelRow] = []
+    for entry in args.report:
+        name, _, folder = entry.partition("=")
+        preset = get_preset(name)
+        report = json.loads((Path(folder) / "results.json").read_text())
+        profile = report["meta"].get("configuration", {}).get("profile") or str(preset.profile())
+        rows.append(row_from_report(name, report["results"], load_profile(profile).config))
+    threads = [str(count) for count in args.bench_threads]
+    if not args.no_bench:
+        for row in rows:
+            figures = run_benchmarks(row.preset, repeats=args.repeats, threads=args.bench_threads, batch_sizes=(1,), literal=False,
+                                     progress=not args.no_progress)
+            row.costs = {count: figures["per_threads"][count] for count in threads}
+    notes = [f"Regenerate: `zmask table --config {args.config}`" if args.config else "", "Reports: " + ", ".join(
+        f"[{entry.split('=', 1)[0]}]({Path(entry.split('=', 1)[1]).name}/summary.md)" for entry in args.report)]
+    text = models_markdown(rows, threads if not args.no_bench else [], [n for n in notes if n])
+    atomic_write_text(args.out, text, fsync=False)
+    _print(args, text + f"\nwritten to {args.out}", {"out": args.out, "rows": [vars(row) for row in rows]})
+    return 0
+
+
 COMMANDS = {
     "demo": run_demo, "fit": run_fit, "defend": run_defend, "attack": run_attack, "evaluate": run_evaluate,
-    "bench": run_bench, "models": run_models, "assets": run_assets,
+    "bench": run_bench, "models": run_models, "assets": run_assets, "table": run_table,
 }

@@ -276,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-literal", action="store_true", help="skip the (slow) literal reference implementation")
     bench.add_argument("--quick", action="store_true", help="small sizes (for tests)")
 
+    table = command("table", "the paper's Table 1 across models: one row per preset from its evaluation report, with the "
+                             "defense's cost measured now (zmask bench) -> a Markdown file")
+    required(table, "--report", nargs="+", metavar="PRESET=FOLDER",
+             help="a preset and the folder of its `zmask evaluate` report (results.json; evaluated with the zmask and none "
+                  "defenses, an L patch and --random-noise), one per row in this order")
+    required(table, "--out", help="the Markdown file to write (.md; an earlier table of zmask's is replaced with --overwrite)")
+    table.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    table.add_argument("--bench-threads", type=positive_int(MAX_THREADS), nargs="+", default=[1, 2], metavar="N",
+                       help="thread counts of the cost columns (default 1 2)")
+    table.add_argument("--repeats", type=positive_int(MAX_REPEATS), default=9, help="interleaved timed runs per cost figure (median; default 9)")
+    table.add_argument("--no-bench", action="store_true", help="leave the cost columns out (no timing)")
+
     models = command("models", "list model presets and their layers")
     models.add_argument("--layers", metavar="MODEL", help="list every layer name of a preset or of a module:factory model")
     models.add_argument("--allow-config-code", action="store_true", help=ALLOW_CONFIG_CODE_HELP)
