@@ -275,6 +275,10 @@ def default_demo_folder() -> Path:
     return folder
 
 
+#: The commands whose --out is a file: (suffix, what it is).
+OUTPUT_FILES = {"fit": (".safetensors", "profile"), "attack": (".png", "patch PNG"), "table": (".md", "Markdown table")}
+
+
 def check_command_paths(args: argparse.Namespace) -> None:
     """The paths of a command, checked before any model is built or torch imported: inputs exist,
     outputs are new or zmask's own (``--overwrite`` to replace those) and never an input, output
@@ -284,12 +288,12 @@ def check_command_paths(args: argparse.Namespace) -> None:
     out = getattr(args, "out", None)
     if out is not None:  # the output's form first: empty, a folder where a file belongs, the suffix
         check_empty_text(out, "--out", "folder" if command in ("defend", "evaluate", "demo") else "file")
-        if command in ("fit", "attack"):
+        if command in OUTPUT_FILES:
             if Path(out).is_dir():
                 raise UsageError(f"--out {out} is a folder; give the path of the file to write (inside it, say)")
-            suffix = ".safetensors" if command == "fit" else ".png"
+            suffix, what = OUTPUT_FILES[command]
             if Path(out).suffix.lower() != suffix:
-                raise UsageError(f"--out {out} must end with {suffix} (it is a {'profile' if command == 'fit' else 'patch PNG'})")
+                raise UsageError(f"--out {out} must end with {suffix} (it is a {what})")
         elif Path(out).exists() and not Path(out).is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
     if command == "defend":
