@@ -8,8 +8,9 @@ frame against the forward pass on this machine for a few grids (the configured o
 takes the finest grid within the budget, and reports the separability and localisation evidence of
 the analysed layers at the configured grid and at the chosen one: what the budget gave up.
 
-Timings are medians of interleaved runs (:func:`interleaved_medians`), so that every compared
-function sees the same machine load; the ratio is what is compared, never an absolute time.
+Timings come from interleaved runs (:func:`interleaved_times`), so that every compared function sees
+the same machine load; the ratio is what is compared, never an absolute time. ``zmask bench``
+reports medians; the fit's choice takes each function's fastest run, the least disturbed by others.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ logger = logging.getLogger(__name__)
 MIN_HEATMAP_SIDE = 16
 
 
-def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each function, run one after the other ``repeats`` times (after one warm-up each)."""
+def interleaved_times(functions: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
+    """Seconds of each run of each function, run one after the other ``repeats`` times (after one warm-up each)."""
     times: list[list[float]] = [[] for _ in functions]
     for function in functions:  # warm-up: plans, buffers, allocator
         function()
@@ -44,7 +45,12 @@ def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) ->
             start = time.perf_counter()
             function()
             times[index].append(time.perf_counter() - start)
-    return [statistics.median(values) for values in times]
+    return times
+
+
+def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function over interleaved runs (:func:`interleaved_times`): what ``zmask bench`` reports."""
+    return [statistics.median(values) for values in interleaved_times(functions, repeats)]
 
 
 def heatmap_candidates(heatmap_size: tuple[int, int], count: int = 4, minimum: int = MIN_HEATMAP_SIDE) -> list[tuple[int, int]]:
@@ -90,9 +96,11 @@ class CostChoice:
                 "chosen": list(self.chosen), "within_budget": self.within_budget, "evidence": self.evidence}
 
 
-def measure_grids(model: nn.Module, configs: Sequence[ZMaskConfig], image: torch.Tensor, repeats: int = 7) -> list[GridCost]:
+def measure_grids(model: nn.Module, configs: Sequence[ZMaskConfig], image: torch.Tensor, repeats: int = 9) -> list[GridCost]:
     """Forward pass and defended clean frame of ``image`` (1 x 3 x H x W) for each configuration,
-    interleaved in one run. Statistics come from ``image`` itself: the cost does not depend on them."""
+    interleaved in one run; each the fastest of its runs, the figure least disturbed by other work on
+    a shared machine (a choice made once, at fit time, should not depend on the load of the moment).
+    Statistics come from ``image`` itself: the cost does not depend on them."""
     defenses = []
     was_training = model.training
     model.eval()
@@ -103,15 +111,15 @@ def measure_grids(model: nn.Module, configs: Sequence[ZMaskConfig], image: torch
                 defense.fit_statistics([image])
                 defense.state.threshold = float("inf")  # never flagged: the clean frame's analysis only
                 defenses.append(defense)
-            medians = interleaved_medians([lambda: model(image), *[lambda d=d: d(image) for d in defenses]], repeats)
+            times = interleaved_times([lambda: model(image), *[lambda d=d: d(image) for d in defenses]], repeats)
     finally:
         model.train(was_training)
-    forward = medians[0]
-    return [GridCost(config.heatmap_size, forward * 1e3, seconds * 1e3) for config, seconds in zip(configs, medians[1:])]
+    fastest = [min(values) for values in times]
+    return [GridCost(config.heatmap_size, fastest[0] * 1e3, seconds * 1e3) for config, seconds in zip(configs, fastest[1:])]
 
 
 def choose_heatmap(model: nn.Module, config: ZMaskConfig, image: torch.Tensor, max_overhead: float,
-                   candidates: Sequence[tuple[int, int]] | None = None, repeats: int = 7) -> CostChoice:
+                   candidates: Sequence[tuple[int, int]] | None = None, repeats: int = 9) -> CostChoice:
     """The finest of ``candidates`` (default :func:`heatmap_candidates` of the configured grid) whose
     defended clean frame costs at most ``1 + max_overhead`` forward passes on this machine; the
     cheapest one, with a warning, when none does."""
