@@ -261,3 +261,23 @@ def test_detect_maps_any_image_back(nanodet_model, fastestdet_model, assets, nan
         assert len(result["boxes"]) == sample[key]["count"]
         expected = torch.tensor([row["xyxy_original"] for row in sample[key]["top10"]])
         torch.testing.assert_close(result["boxes"][:10], expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("name, stem", [("nanodet_m_coco", "nanodet_m"), ("fastestdet_coco", "fastestdet")])
+def test_shipped_profile_flags_the_committed_L_patch(assets, name, stem):
+    """The preset's shipped profile (fitted on train) passes a val image and flags it with the
+    committed L patch, and its mask covers the patch."""
+    from zmask import ZMask
+    from zmask.attacks import load_patch
+    from zmask.evaluation import place_patches
+    from zmask.models import profiles as profiles_module
+
+    defense = ZMask.from_preset(name)
+    image = read_image(asset_path(f"{stem}_input_1"))[None]
+    patch = load_patch(profiles_module.PROFILE_FOLDER.parent / "patches" / f"{name}_L.png")[0]
+    attacked, masks = place_patches(image, patch, [0], 0)
+    with torch.no_grad():
+        result = defense.detect(torch.cat([image, attacked]))
+    assert result.flagged.tolist() == [False, True]
+    predicted, true = result.patch_mask[1].bool(), masks[0].bool()
+    assert (predicted & true).sum() / (predicted | true).sum() > 0.5  # patch-mask IoU

@@ -33,6 +33,7 @@ from ..errors import InputError, ZMaskError
 from ..tasks import DetectionTask
 from .espnet import load_state_dict_file
 from .presets import ModelPreset, _coco_paths, register_preset
+from .profiles import ProfileRecord
 from .nanodet import COCO_NAMES, _load_strict, check_images, dense_objective, to_uint8_levels
 from .yolov5 import COCO80_TO_91
 
@@ -374,14 +375,38 @@ def _stretched_task(preset: ModelPreset, model: nn.Module, split: str, root: str
     return StretchedDetectionTask(model, _coco_paths(split, root)[1])
 
 
+FASTESTDET_COCO_PROFILE = ProfileRecord(
+    "fastestdet_coco.safetensors",
+    "69090cbaf46f4441d2eb2c3af407fc33485ef4b64d7d58f96aa577957a4ff4e4",
+    "coco_tiny train2017 (80 images, resized to 352x352 as upstream): clean statistics on 35 images, the fusion block on "
+    "30 others and lambda0 on 15 more, each fusion/calibration image drawn 8 times, with the committed L patch "
+    "(src/zmask/patches/fastestdet_coco_L.png), 300 epochs; half of the clean samples carry a harmless occluder labelled "
+    "'no patch'; lambda0 at <= 5% false alarms on the calibration negatives; soft-mask threshold calibrated; layers "
+    "chosen on the same training images (--layers auto); seed 0",
+    {
+        "lambda0": 0.4570, "calibration_auc": 0.939, "calibration_mask_iou": 0.791,
+        "val_map_clean": 0.189, "val_map_L_patch": 0.118, "val_map_L_patch_zmask": 0.139, "val_map_random_L": 0.143,
+        "val_auc_L_patch": 1.000, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.013, "val_random_noise_flag_rate": 0.287,
+        "val_mask_iou_L_patch": 0.925,
+    },
+    "zmask fit --config experiments/fastestdet_coco_fit.yaml",
+    "zmask evaluate --model fastestdet_coco --patch L=src/zmask/patches/fastestdet_coco_L.png --random-noise "
+    "--defenses zmask none; coco_tiny val2017 (80 images)",
+)
+
+
 FASTESTDET_COCO = register_preset(ModelPreset(
     "fastestdet_coco", DetectionTask.name, "FastestDet 352 on COCO (project definition, upstream weights)",
     # COCO evaluation thresholds (upstream utils/evaluation.py); its demo draws score > 0.65.
     lambda pretrained: fastestdet(pretrained=pretrained, score_threshold=0.001, iou_threshold=0.45), INPUT_SIZE,
-    ("net.backbone.first_conv", "net.backbone.maxpool", "net.backbone.stage2.0"),
-    ("net.backbone.stage2", "net.backbone.stage3", "net.SPP"),
+    # Chosen on coco_tiny train by per-layer evidence (zmask fit --layers auto over the part K
+    # candidates and their neighbours, L patch): the 1/4 and 1/8 backbone blocks separate patched
+    # from clean images (AUC 0.99-1.00) and localise the patch; the 1/16 layers after stage3.0
+    # (stage3, SPP, head stem) do not separate (AUC < 0.5), and the stem conv does not either.
+    ("net.backbone.maxpool", "net.backbone.stage2.1", "net.backbone.stage2.0"),
+    ("net.backbone.stage2.1", "net.backbone.stage2.0", "net.backbone.stage2"),
     (INPUT_SIZE[0] // 2, INPUT_SIZE[1] // 2), pretrained_source="asset fastestdet_coco",
     # Not tuned: aligned pooling, and mid grey as fill.
     config_overrides=(("pooling", "same"), ("fill_value", 114 / 255)),
-    datasets=_coco_stretched, make_task=_stretched_task, prepare=_prepare,
+    datasets=_coco_stretched, make_task=_stretched_task, prepare=_prepare, profile_record=FASTESTDET_COCO_PROFILE,
 ))
