@@ -35,6 +35,20 @@ def test_candidate_layers_bound_resolution_and_merge_containers():
         candidate_layers(Blocks(), torch.rand(1, 3, 8, 8), max_stride=0)
 
 
+def test_candidate_layers_leave_out_modules_run_twice():
+    class Shared(nn.Module):  # one activation module used by two branches (as NanoDet's head)
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.left, self.right, self.act = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.act(self.left(x)) + self.act(self.right(x))
+
+    candidates = candidate_layers(Shared().eval(), torch.rand(1, 3, 32, 32))
+    assert "act" not in candidates and {"stem", "left", "right"} <= set(candidates)
+
+
 def _evidence(layer, auc, localisation, cost=1.0):
     return LayerEvidence(layer, (8, 4, 4), auc, localisation, cost)
 

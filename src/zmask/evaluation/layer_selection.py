@@ -71,15 +71,20 @@ class LayerSelection:
 def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8, max_candidates: int = 64) -> list[str]:
     """Modules whose output is a B x C x h x w map at most ``max_stride`` times coarser than
     ``image`` (1 x 3 x H x W), in execution order; a module that returns its child's very
-    tensor counts once (the outer name); at most ``max_candidates``, spread evenly over depth."""
+    tensor counts once (the outer name); a module that runs more than once per forward pass (one
+    activation shared by several branches) is left out, as Z-Mask reads each layer once; at most
+    ``max_candidates``, spread evenly over depth."""
     if max_stride < 1 or max_candidates < 1:
         raise ConfigError(f"max_stride={max_stride} and max_candidates={max_candidates} must be at least 1")
     seen: dict[str, tuple[int, tuple[int, ...]]] = {}
     order: list[str] = []
     alive: list[torch.Tensor] = []  # held until the end, so that no two outputs can share an address by reuse
 
+    calls: dict[str, int] = {}
+
     def hook(name: str):
         def record(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(output, torch.Tensor) and output.dim() == 4 and name not in seen:
                 seen[name] = (output.data_ptr(), tuple(output.shape))
                 order.append(name)
@@ -94,7 +99,7 @@ def candidate_layers(model: nn.Module, image: torch.Tensor, max_stride: int = 8,
         for handle in handles:
             handle.remove()
     height, width = image.shape[-2:]
-    fine = [n for n in order if seen[n][1][-2] * max_stride >= height and seen[n][1][-1] * max_stride >= width]
+    fine = [n for n in order if calls[n] == 1 and seen[n][1][-2] * max_stride >= height and seen[n][1][-1] * max_stride >= width]
     # A container and its last child share the output tensor: keep the outer (shorter) name.
     by_tensor: dict[tuple, str] = {}
     for name in fine:
