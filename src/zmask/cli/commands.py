@@ -107,9 +107,14 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     rows: list[dict[str, Any]] = [{"name": p.name, "task": p.task, "input": list(p.input_size), "shallow": list(p.shallow_layers), "deep": list(p.deep_layers),
              "heatmap": list(p.heatmap_size), "weights": p.pretrained_source, "description": p.description,
-             "shipped_profile": p.profile_record.file if p.profile_record else None} for p in PRESETS.values()]
-    lines = [f"{r['name']:32s} {r['task']:13s} {r['input'][0]}x{r['input'][1]:<5d} S={','.join(r['shallow'])}  D={','.join(r['deep'])}"
-             + ("  (profile shipped)" if r["shipped_profile"] else "") for r in rows]
+             "shipped_profile": p.profile_record.file if p.profile_record else None, "label_map": p.label_map_lines()}
+            for p in PRESETS.values()]
+    lines = []
+    for r in rows:
+        lines.append(f"{r['name']:32s} {r['task']:13s} {r['input'][0]}x{r['input'][1]:<5d} S={','.join(r['shallow'])}  D={','.join(r['deep'])}"
+                     + ("  (profile shipped)" if r["shipped_profile"] else ""))
+        if r["label_map"]:  # a model trained on other labels, scored on the preset's dataset through this map
+            lines += [f"    label map: {line}" for line in r["label_map"]]
     _print(args, "\n".join(lines), rows)
     return 0
 
