@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from zmask import FittedState, FusionTraining, NotFittedError, ZMask, ZMaskConfig
+from zmask import FittedState, FusionTraining, InputError, NotFittedError, ZMask, ZMaskConfig
 from zmask.defense import merge_outputs
 
 from .toy import TOY_CONFIG, clean_batches, fitted_toy_defense, patched_batch, seeded_toy
@@ -131,6 +131,16 @@ def test_missing_fitted_state():
         defense(images)
     with pytest.raises(ValueError, match="both clean images"):
         defense.calibrate([patched_batch(2)])
+
+
+def test_a_non_finite_score_is_an_error_never_not_flagged(fitted):
+    images, _ = patched_batch(2, seed=201)
+    with torch.no_grad():
+        _, activations = fitted.capture(images)
+    layer = fitted.config.shallow_layers[0]
+    broken = {**activations, layer: activations[layer].clone().fill_(float("nan"))}
+    with pytest.raises(InputError, match="not finite"):
+        fitted.analyze(broken, (96, 128))
 
 
 def test_statistics_for_another_model_are_rejected(fitted):
