@@ -385,14 +385,13 @@ FASTESTDET_COCO_PROFILE = ProfileRecord(
     "chosen on the same training images (--layers auto); heatmap grid 22x22, the finest within 1.25x the forward "
     "(--max-overhead 0.25); seed 0",
     {
-        "lambda0": 0.369, "calibration_auc": 0.915, "calibration_mask_iou": 0.716,
-        "val_map_clean": 0.189, "val_map_L_patch": 0.118, "val_map_L_patch_zmask": 0.139, "val_map_random_L": 0.143,
-        "val_auc_L_patch": 1.000, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.013, "val_random_noise_flag_rate": 0.287,
-        "val_mask_iou_L_patch": 0.925,
+        "lambda0": 0.369, "calibration_auc": 0.915, "calibration_mask_iou": 0.716, "val_map_clean": 0.189,
+        "val_map_L_patch": 0.118, "val_map_L_patch_zmask": 0.125, "val_map_random_L": 0.143, "val_auc_L_patch": 0.997,
+        "val_tpr_L_patch": 0.975, "val_clean_flag_rate": 0.013, "val_random_noise_flag_rate": 0.163,
+        "val_mask_iou_L_patch": 0.768, "val_recovery_L_patch": 0.102,
     },
     "zmask fit --config experiments/fastestdet_coco_fit.yaml",
-    "zmask evaluate --model fastestdet_coco --patch L=src/zmask/patches/fastestdet_coco_L.png --random-noise "
-    "--defenses zmask none; coco_tiny val2017 (80 images)",
+    "docs/results/fastestdet_coco/summary.md (zmask evaluate --config experiments/fastestdet_coco.yaml); coco_tiny val2017 (80 images)",
 )
 
 

@@ -496,14 +496,13 @@ NANODET_M_COCO_PROFILE = ProfileRecord(
     "chosen on the same training images (--layers auto); heatmap grid 20x20, the finest within 1.25x the forward "
     "(--max-overhead 0.25); seed 0",
     {
-        "lambda0": 1.3754, "calibration_auc": 0.918, "calibration_mask_iou": 0.694,
-        "val_map_clean": 0.262, "val_map_L_patch": 0.204, "val_map_L_patch_zmask": 0.214, "val_map_random_L": 0.213,
-        "val_auc_L_patch": 1.000, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.000, "val_random_noise_flag_rate": 0.163,
-        "val_mask_iou_L_patch": 0.927,
+        "lambda0": 1.3754, "calibration_auc": 0.918, "calibration_mask_iou": 0.694, "val_map_clean": 0.262,
+        "val_map_L_patch": 0.204, "val_map_L_patch_zmask": 0.207, "val_map_random_L": 0.213, "val_auc_L_patch": 1.000,
+        "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.000, "val_random_noise_flag_rate": 0.100,
+        "val_mask_iou_L_patch": 0.755, "val_recovery_L_patch": 0.056,
     },
     "zmask fit --config experiments/nanodet_m_coco_fit.yaml",
-    "zmask evaluate --model nanodet_m_coco --patch L=src/zmask/patches/nanodet_m_coco_L.png --random-noise "
-    "--defenses zmask none; coco_tiny val2017 (80 images)",
+    "docs/results/nanodet_m_coco/summary.md (zmask evaluate --config experiments/nanodet_m_coco.yaml); coco_tiny val2017 (80 images)",
 )
 
 
