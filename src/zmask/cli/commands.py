@@ -675,7 +675,9 @@ def run_table(args: argparse.Namespace) -> int:
         name, _, folder = entry.partition("=")
         preset = get_preset(name)
         report = json.loads((Path(folder) / "results.json").read_text())
-        profile = report["meta"].get("configuration", {}).get("profile") or str(preset.profile())
+        recorded = report["meta"].get("configuration", {}).get("profile")
+        # the report's own profile where it still is, else the preset's shipped one (a report made from a copy)
+        profile = recorded if recorded and Path(recorded).is_file() else preset.profile()
         rows.append(row_from_report(name, report["results"], load_profile(profile).config))
     threads = [str(count) for count in args.bench_threads]
     if not args.no_bench:

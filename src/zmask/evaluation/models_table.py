@@ -56,7 +56,7 @@ def row_from_report(preset: str, results: Mapping[str, Any], config: ZMaskConfig
                              f"--patch {patch}=... --random-noise --defenses zmask none")
     clean, attacked, defended = masking["no patch"], masking[patch], masking[patch]["zmask"]
     return ModelRow(
-        preset, metric, int(clean["zmask"].get("images", 0)), _value(clean["none"], metric), _value(attacked["none"], metric),
+        preset, metric, int(clean["zmask"].get("images") or results.get("bootstrap", {}).get("images") or 0), _value(clean["none"], metric), _value(attacked["none"], metric),
         _value(defended, metric), _value(results["recovery"][patch]["zmask"], "recovery"), _value(clean["zmask"], "flag_rate"),
         _value(defended, "flag_rate"), _value(masking[control]["zmask"], "flag_rate"),
         tuple(config.shallow_layers), tuple(config.deep_layers), config.heatmap_size,

@@ -218,6 +218,24 @@ def cgnet(pretrained: bool = True, weights_path: str | Path | None = None) -> CG
     return model.eval()
 
 
+def _profile_record():
+    from .profiles import ProfileRecord
+
+    return ProfileRecord(
+        "cgnet_camvid.safetensors",
+        "eba459ef1db35053b232ba18a649bff52cb8d14f9d22daecc4c89be901d9b48e",
+        "CamVid train (SegNet split, 360x480; the checkpoint was also trained on CamVid val): clean statistics on 120 images, "
+        "the fusion block on 120 others and lambda0 on 80 more with the committed L patch (src/zmask/patches/cgnet_camvid_L.png); "
+        "the preset's layers; heatmap grid 45x60, the finest within 1.25x the forward (--max-overhead 0.25); soft-mask "
+        "threshold calibrated; seed 0",
+        {"lambda0": 0.8226, "calibration_auc": 1.000, "calibration_mask_iou": 0.803, "val_miou_clean": 0.857, "val_miou_L_patch": 0.561,
+         "val_miou_L_patch_zmask": 0.802, "val_recovery_L_patch": 0.816, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.000,
+         "val_random_noise_flag_rate": 0.000, "val_mask_iou_L_patch": 0.798},
+        "zmask fit --config experiments/cgnet_camvid_fit.yaml",
+        "docs/results/cgnet_camvid/summary.md (zmask evaluate --config experiments/cgnet_camvid.yaml); CamVid val (101 images)",
+    )
+
+
 def _register() -> None:
     from ..data.camvid import CAMVID_IGNORE_INDEX
     from ..tasks import SegmentationTask
@@ -238,7 +256,7 @@ def _register() -> None:
         pretrained_source="asset cgnet_camvid",
         # Not tuned: as espnet_camvid (aligned pooling, the dataset's mean colour as fill, a dilated mask).
         config_overrides=(("pooling", "same"), ("fill_value", CAMVID_MEAN_RGB), ("mask_dilation", MASK_DILATION)),
-        datasets=_camvid,
+        datasets=_camvid, profile_record=_profile_record(),
     ))
 
 
