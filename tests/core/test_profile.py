@@ -132,3 +132,22 @@ def test_provenance_round_trip_and_schema(saved, tmp_path):
         save_file(load_file(str(path)), str(target), metadata={**metadata, "provenance": bad})
         with pytest.raises(ProfileError, match=f"provenance.*{problem}"):
             ZMask.load(target, defense.model)
+
+
+def test_a_huge_fitted_input_size_is_probed_at_a_bounded_size(saved, monkeypatch):
+    """A crafted profile with input_size 4096x4096 (the schema's maximum) must not make loading run
+    the model on a 4096x4096 image (it took > 60 s and gigabytes): the blank probe is halved first."""
+    import zmask.core.profile as profile_module
+    from zmask.core.profile import MAX_PROBE_PIXELS, load_profile, probe_input_size
+
+    assert probe_input_size((96, 128)) == (96, 128)
+    assert probe_input_size((4096, 4096)) == (1024, 1024) and probe_input_size((2048, 2048)) == (1024, 1024)
+    assert probe_input_size((3001, 4097))[0] * probe_input_size((3001, 4097))[1] <= MAX_PROBE_PIXELS
+    defense, path = saved
+    loaded = load_profile(path)
+    loaded.state.input_size = (4096, 4096)
+    seen = []
+    original = profile_module.run_and_capture
+    monkeypatch.setattr(profile_module, "run_and_capture", lambda model, images, *a: seen.append(tuple(images.shape)) or original(model, images, *a))
+    profile_module.check_model_fits(loaded, defense.model, path)
+    assert seen == [(1, 3, 1024, 1024)]
