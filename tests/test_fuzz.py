@@ -130,6 +130,8 @@ NAN, INF = float("nan"), float("inf")
 # (case, edit, field named in the error, pattern of the problem)
 PROFILE_CASES: list[tuple[str, Edit, str, str]] = [
     ("threshold NaN", meta(threshold="NaN"), "threshold", "finite"),
+    ("calibration mask IoU 2", meta(calibration_mask_iou="2.0"), "calibration_mask_iou", r"must lie in \[0, 1\]"),
+    ("calibration mask IoU a string", meta(calibration_mask_iou='"x"'), "calibration_mask_iou", "must be a number"),
     ("threshold Infinity", meta(threshold="Infinity"), "threshold", "finite"),
     ("threshold a string", meta(threshold='"abc"'), "threshold", "must be a number, got 'abc'"),
     ("threshold a bool", meta(threshold="true"), "threshold", "must be a number"),

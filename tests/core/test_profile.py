@@ -31,6 +31,7 @@ def test_round_trip_gives_identical_results(saved):
     assert loaded.config == defense.config
     assert loaded.state.threshold == defense.state.threshold
     assert loaded.state.input_size == (96, 128)
+    assert loaded.state.calibration_mask_iou == defense.state.calibration_mask_iou is not None  # every fitted value comes back
     images, _ = patched_batch(2, seed=3)
     first, second = defense(images), loaded(images)
     torch.testing.assert_close(first.detection.score, second.detection.score, rtol=0, atol=0)

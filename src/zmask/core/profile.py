@@ -123,6 +123,8 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         metadata["weights_sha256"] = json.dumps(profile.weights_sha256)
     if state.provenance is not None:
         metadata["provenance"] = json.dumps(state.provenance)
+    if state.calibration_mask_iou is not None:
+        metadata["calibration_mask_iou"] = json.dumps(state.calibration_mask_iou)
     if state.extremes:
         metadata["extreme_threshold"] = json.dumps(state.extreme_threshold)
         metadata["extreme_calibration"] = json.dumps(_record(state.extreme_calibration))
@@ -236,7 +238,12 @@ class _ProfileSchema:
         extreme_threshold = None if extreme_threshold is None else self.number(extreme_threshold, "extreme_threshold")
         fusion_block = FusionBlock()
         fusion_block.load_values(fusion)
-        state = FittedState(statistics, fusion_block, threshold, self.calibration(), None, extremes, extreme_threshold,
+        mask_iou = self.json_field("calibration_mask_iou", required=False)
+        if mask_iou is not None:
+            mask_iou = self.number(mask_iou, "calibration_mask_iou")
+            if not 0.0 <= mask_iou <= 1.0:
+                raise self.fail("calibration_mask_iou", f"must lie in [0, 1], got {mask_iou}")
+        state = FittedState(statistics, fusion_block, threshold, self.calibration(), mask_iou, extremes, extreme_threshold,
                             self.calibration("extreme_calibration"), input_size, self.provenance())
         return Profile(config, state, self.text("model_class"), self.weights())
 
