@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.data import Dataset
