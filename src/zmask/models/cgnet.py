@@ -18,6 +18,9 @@ from torch import nn
 
 from ..assets import asset_path
 from ..errors import AssetError, InputError
+# The same blocks as ESPNet (keys conv/bn/act, BatchNorm eps 1e-3).
+from .espnet import BNPReLU as BR
+from .espnet import ConvBNPReLU as CBR
 from .espnet import load_state_dict_file
 
 _BN_EPS = 1e-3
@@ -29,31 +32,6 @@ CGNET_CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "
 #: ``CamVidTrainInform`` over the 468 train+val images). Upstream subtracts it, in this order,
 #: from RGB-ordered pixels: R - 105.66, G - 103.33, B - 99.63.
 CGNET_CAMVID_MEAN_BGR = (105.65775299072266, 103.329833984375, 99.62540435791016)
-
-
-class CBR(nn.Module):
-    """Conv (no bias, 'same' padding) -> BN (eps 1e-3) -> PReLU."""
-
-    def __init__(self, n_in: int, n_out: int, kernel: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(n_in, n_out, kernel, stride, (kernel - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(n_out, eps=_BN_EPS)
-        self.act = nn.PReLU(n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class BR(nn.Module):
-    """BN (eps 1e-3) -> PReLU."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=_BN_EPS)
-        self.act = nn.PReLU(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(x))
 
 
 class C(nn.Module):
