@@ -89,15 +89,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object], *, fsync: b
     and ``FileWriteError`` says why in one line.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    created = _missing_parents(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        _remove_empty(created)
-        raise FileWriteError(f"cannot write {path}: {_reason(error)}") from None
-    temporary = Path(temporary_name)
+    folder, created, descriptor, temporary = _temporary_beside(path, ".tmp")
     os.close(descriptor)
     try:
         if mode is None:
@@ -129,6 +121,20 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object], *, fsync: b
     return path
 
 
+def _temporary_beside(path: Path, suffix: str) -> tuple[Path, list[Path], int, Path]:
+    """(folder, the parent folders created for it, descriptor, path) of a new hidden temporary file in
+    ``path``'s folder; what was created is removed again and ``FileWriteError`` raised if it cannot be."""
+    folder = path.parent if str(path.parent) else Path(".")
+    created = _missing_parents(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as error:
+        _remove_empty(created)
+        raise FileWriteError(f"cannot write {path}: {_reason(error)}") from None
+    return folder, created, descriptor, Path(name)
+
+
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"), fsync=fsync)
@@ -155,16 +161,13 @@ def probe_writable(path: str | Path) -> None:
     missing permission, a full disk).
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    created = _missing_parents(folder)
+    _, created, descriptor, name = _temporary_beside(path, ".probe")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
         try:
             os.write(descriptor, b"z")
         finally:
             os.close(descriptor)
-            _discard(Path(name))
+            _discard(name)
     except OSError as error:
         raise FileWriteError(f"cannot write {path}: {_reason(error)}") from None
     finally:
