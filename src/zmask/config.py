@@ -26,6 +26,8 @@ MAX_MASK_DILATION = 4096  # input pixels; a profile also bounds it by its input 
 MAX_IN_CHANNELS = 64
 MAX_CHUNK_ELEMENTS = 2**31
 MAX_KERNELS = 16  # per set; the paper uses 4 and 2
+MAX_CANDIDATE_WINDOWS = 4  # each gives up to two re-passes of a flagged image
+MAX_CANDIDATE_REGIONS = 8
 
 _CHOICES = {
     "spr_variant": ("reference", "paper"),
@@ -66,13 +68,23 @@ class ZMaskConfig:
         in_channels: expected channel count of the model input.
         extreme_layers: layers (of S or D) whose channel maxima give a second detection score
             beyond the paper (``zmask.core.extremes``): an image is also flagged when its
-            hyper-activation score exceeds its own threshold. Empty (the default) is the paper's
-            defense.
-        extreme_fpr: the false-positive rate on clean calibration images that the second
-            threshold is chosen for.
+            hyper-activation score exceeds its own threshold; both thresholds are calibrated
+            together, so that the false-alarm rate of the combined flag is the one calibration
+            asks for (:func:`zmask.core.calibration.calibrate_union`). Empty (the default) is the
+            paper's defense.
+        extreme_fpr: the largest share of clean calibration images the second score may flag on
+            its own (the combined flag's rate is calibration's ``target_fpr`` or Youden's J).
         extreme_mask: also mask, on flagged images, the pixels where a channel of the extreme
             layers exceeds its clean maximum (off by default: on ESPNet-CamVid's deepest layer this
             coverage spreads far beyond the patch and costs mIoU, see the README).
+        mask_candidates: beyond the paper, choose the keep-mask of a flagged image among
+            candidates - Eq. 4's, the largest regions of the extreme coverage, windows of
+            ``candidate_windows`` - by re-running the network on each (batched) and keeping the
+            one whose re-pass has the lowest flag margin (``zmask.core.candidates``). Off (the
+            default) is the paper's single re-pass.
+        candidate_windows: window sizes (height, width) in input pixels for those candidates;
+            ``zmask fit`` records the sizes of the patches it was fitted with.
+        candidate_regions: at most this many coverage regions become candidates.
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
         chunk_elements: the refinement processes as many channels at once as fit this many values
@@ -100,6 +112,9 @@ class ZMaskConfig:
     extreme_layers: tuple[str, ...] = ()
     extreme_fpr: float = 0.01
     extreme_mask: bool = False
+    mask_candidates: bool = False
+    candidate_windows: tuple[Kernel, ...] = ()
+    candidate_regions: int = 3
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
@@ -108,7 +123,7 @@ class ZMaskConfig:
             if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
                 raise ZMaskTypeError(f"{name} must be a sequence of module names (strings), got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        for name in ("shallow_kernels", "deep_kernels"):
+        for name in ("shallow_kernels", "deep_kernels", "candidate_windows"):
             kernels = getattr(self, name)
             if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Iterable):
                 raise ZMaskTypeError(f"{name} must be a sequence of (height, width) pairs, got {kernels!r}")
@@ -172,6 +187,13 @@ class ZMaskConfig:
             raise ConfigError(f"extreme_layers {outside} are not layers of S or D: the extreme evidence reads only layers the analysis reads")
         if not isinstance(self.extreme_mask, bool):
             raise ZMaskTypeError(f"extreme_mask must be true or false, got {self.extreme_mask!r}")
+        if not isinstance(self.mask_candidates, bool):
+            raise ZMaskTypeError(f"mask_candidates must be true or false, got {self.mask_candidates!r}")
+        _integer(self.candidate_regions, "candidate_regions", 0, MAX_CANDIDATE_REGIONS)
+        if len(self.candidate_windows) > MAX_CANDIDATE_WINDOWS:
+            raise ConfigError(f"candidate_windows has {len(self.candidate_windows)} sizes, more than the {MAX_CANDIDATE_WINDOWS} allowed")
+        if any(h < 1 or w < 1 for h, w in self.candidate_windows):
+            raise ConfigError(f"candidate_windows {self.candidate_windows} must be positive (height, width) sizes in input pixels")
         if not 0.0 <= _real(self.extreme_fpr, "extreme_fpr") <= 1.0:
             raise ConfigError(f"extreme_fpr={self.extreme_fpr} must lie in [0, 1]")
 

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze
-from .core.calibration import Calibration, calibrate_threshold
+from .core.calibration import Calibration, calibrate_threshold, calibrate_union
+from .core.candidates import candidate_keep_masks
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
 from .core.extremes import ExtremeAccumulator
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
@@ -23,7 +24,7 @@ from .core.profile import Profile, check_model_fits, check_weights, load_profile
 from .core.refinement import LayerRefiner
 from .core.state import FittedState
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
-from .errors import ConfigError, InputError, ProfileError, ZMaskTypeError
+from .errors import ConfigError, InputError, NotFittedError, ProfileError, ZMaskTypeError
 from .validation import batch_images, batch_images_and_masks, check_images, check_masks, model_dtype
 
 logger = logging.getLogger(__name__)
@@ -179,14 +180,22 @@ class ZMask(nn.Module):
         if labels_all.all() or not labels_all.any():
             raise InputError("calibration needs both clean images (empty masks) and patched images")
         state = self.state
-        state.calibration = calibrate_threshold(scores_all[~labels_all], scores_all[labels_all], target_fpr)
-        state.threshold = state.calibration.threshold
+        clean, patched = scores_all[~labels_all], scores_all[labels_all]
         if hyper:
+            # Two kinds of evidence raise one flag: their thresholds are chosen together, so that
+            # target_fpr (or Youden's J) is the false-alarm rate of the combination.
             hyper_all = torch.cat(hyper)
-            state.extreme_calibration = calibrate_threshold(hyper_all[~labels_all], hyper_all[labels_all], self.config.extreme_fpr)
-            state.extreme_threshold = state.extreme_calibration.threshold
-            logger.info("calibrated the extreme-score threshold %.4f (calibration TPR %.3f, FPR %.3f)", state.extreme_threshold,
-                        state.extreme_calibration.true_positive_rate, state.extreme_calibration.false_positive_rate)
+            state.calibration, alone, state.extreme_calibration = calibrate_union(
+                clean, patched, hyper_all[~labels_all], hyper_all[labels_all], target_fpr, self.config.extreme_fpr)
+            state.threshold, state.extreme_threshold = state.calibration.threshold, state.extreme_calibration.threshold
+            logger.info("calibrated lambda0 %.4f (alone: TPR %.3f, FPR %.3f) and the extreme-score threshold %.4f (alone: TPR %.3f, "
+                        "FPR %.3f) together: TPR %.3f, FPR %.3f", state.threshold, alone.true_positive_rate, alone.false_positive_rate,
+                        state.extreme_threshold, state.extreme_calibration.true_positive_rate,
+                        state.extreme_calibration.false_positive_rate, state.calibration.true_positive_rate,
+                        state.calibration.false_positive_rate)
+        else:
+            state.calibration = calibrate_threshold(clean, patched, target_fpr)
+            state.threshold = state.calibration.threshold
         logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", state.threshold,
                     int((~labels_all).sum()), int(labels_all.sum()), state.calibration.auc)
         self._calibrate_mask(torch.cat(soft), torch.cat(truth), calibrate_mask)
@@ -249,9 +258,43 @@ class ZMask(nn.Module):
         analysis = self.analyze(activations, (int(images.shape[-2]), int(images.shape[-1])), gate)
         if analysis.flagged.any():
             index = analysis.flagged.nonzero().flatten()
-            rerun = self.model(self.apply_mask(images[index], analysis.keep_mask[index]))
+            if self.config.mask_candidates:
+                rerun = self._best_candidates(images, analysis, index)
+            else:
+                rerun = self.model(self.apply_mask(images[index], analysis.keep_mask[index]))
             output = merge_outputs(output, rerun, index)
         return DefenseOutput(output, analysis, analysis.heatmaps if return_heatmaps else None)
+
+    def _best_candidates(self, images: torch.Tensor, analysis: Analysis, index: torch.Tensor) -> Any:
+        """Evidence-guided masking: re-run the flagged images ``index`` once per candidate keep-mask
+        (:func:`~zmask.core.candidates.candidate_keep_masks`, in one batch), keep for each the
+        candidate whose re-pass has the lowest flag margin, and return those re-passes' outputs.
+        Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a box won) and ``candidate``."""
+        if self.state.threshold is None:
+            raise NotFittedError("choosing among keep-mask candidates needs lambda0: calibrate the defense first")
+        keep = analysis.keep_mask
+        per_image = [candidate_keep_masks(analysis, keep, int(i), self.config.candidate_windows, self.config.candidate_regions)
+                     for i in index.tolist()]
+        owners = torch.cat([torch.full((len(c),), int(i), dtype=torch.long) for i, c in zip(index.tolist(), per_image)]).to(images.device)
+        stacked = torch.cat(per_image)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        rerun, activations = self.capture(self.apply_mask(images[owners], stacked))
+        margin = self.analyze(activations, size, gate=False).margin
+        assert margin is not None  # lambda0 is set
+        chosen, start = [], 0
+        for candidates in per_image:
+            chosen.append(start + int(margin[start:start + len(candidates)].argmin()))  # ties: the first (Eq. 4's)
+            start += len(candidates)
+        positions = torch.tensor(chosen, dtype=torch.long, device=images.device)
+        starts = torch.tensor([0] + [len(c) for c in per_image[:-1]], device=images.device).cumsum(0)
+        candidate = torch.full(analysis.flagged.shape, -1, dtype=torch.long, device=images.device)
+        candidate[index] = positions - starts
+        updated_keep, updated_patch = keep.clone(), analysis.patch_mask.clone()
+        updated_keep[index] = stacked[positions]
+        boxes = candidate[index] > 0
+        updated_patch[index[boxes]] = 1.0 - stacked[positions[boxes]]
+        analysis.keep_mask, analysis.patch_mask, analysis.candidate = updated_keep, updated_patch, candidate
+        return take_outputs(rerun, positions)
 
     # ------------------------------------------------------------------ persistence
     def profile(self) -> Profile:
@@ -297,6 +340,20 @@ class ZMask(nn.Module):
         path = preset.profile()
         logger.info("loading the shipped profile %s for preset %s", path, preset.name)
         return cls.load(path, preset.build(pretrained), **kwargs)
+
+
+def take_outputs(output: Any, index: torch.Tensor) -> Any:
+    """The entries ``index`` of a batched output (tensors batch first, lists of per-image results,
+    tuples or dictionaries of those), in that order."""
+    if isinstance(output, torch.Tensor):
+        return output[index]
+    if isinstance(output, dict):
+        return {key: take_outputs(value, index) for key, value in output.items()}
+    if isinstance(output, tuple):
+        return tuple(take_outputs(value, index) for value in output)
+    if isinstance(output, list):
+        return [output[i] for i in index.tolist()]
+    raise ZMaskTypeError(f"cannot select from model outputs of type {type(output).__name__}; return a tensor, list or dict")
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:

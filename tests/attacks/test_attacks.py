@@ -192,3 +192,52 @@ def test_attack_settings_must_be_finite(settings):
 
     with pytest.raises(ConfigError):
         AttackConfig(patch_size=(4, 4), **settings)
+
+
+@pytest.fixture(scope="module")
+def layered_setup(toy_setup):
+    """The toy segmenter's defense with layered evidence: extreme statistics, joint thresholds,
+    keep-mask candidates of the patch size."""
+    model, defense, data = toy_setup
+    config = defense.config.replace(extreme_layers=("body.c2", "body.c3"), mask_candidates=True, candidate_windows=((24, 24),))
+    layered = ZMask(model, config, seed=0)
+    layered.fit_statistics(clean_batches(4))
+    patched = [patched_batch(4, seed=s, size=24) for s in range(4)]
+    clean = [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(4, 4, seed=9)]
+    layered.fit_fusion(patched + clean, FusionTraining(epochs=20, batch_size=8, learning_rate=0.05))
+    layered.calibrate(patched + clean)
+    return model, layered, data
+
+
+@pytest.mark.parametrize("mode,term", [("suppress_all", "extremes_inside_patch"), ("flag_evasion", "flag_margin"),
+                                       ("decoy", "decoy_soft_mask")])
+def test_attacks_on_layered_evidence_lower_their_losses(layered_setup, mode, term):
+    model, defense, data = layered_setup
+    task = SegmentationTask(model, 4, 255)
+    config = AttackConfig(patch_size=(24, 24), steps=16, batch_size=4, learning_rate=0.05, defense_attack=mode, alpha=0.0, seed=1)
+    history = PatchAttack(task, config, defense).run(data, progress=False).history
+    assert _mean(history, term, -4) < _mean(history, term, 4)
+
+
+def test_end_to_end_follows_the_candidate_the_defense_chooses(layered_setup):
+    """Against a defense that chooses among keep-masks, the end-to-end term is the task loss of the
+    defended output (the same chosen re-pass), and its gradient still reaches the images."""
+    from zmask.attacks import ADAPTIVE_OBJECTIVES
+    from zmask.contracts import AttackContext
+
+    model, defense, data = layered_setup
+    task = SegmentationTask(model, 4, 255)
+    images, masks = patched_batch(4, seed=42, size=24)
+    batch = task.collate([{"image": image, "label": item["label"]} for image, item in zip(images, data)])
+    images = images.clone().requires_grad_(True)
+    output, activations = run_and_capture(model, images, defense.config.layers)
+    analysis = defense.analyze(activations, tuple(images.shape[-2:]), gate=False)
+    context = AttackContext(defense, images, masks, output, activations, analysis, task, batch)
+    value = ADAPTIVE_OBJECTIVES.get("end_to_end")(context)["defended_task"]
+    with torch.no_grad():
+        result = defense(images.detach())
+    assert result.detection.candidate is not None
+    expected = sum(w * v for w, v in task.attack_terms(result.output, batch, images, masks, 1.0, "untargeted").values())
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    (gradient,) = torch.autograd.grad(value, images)
+    assert gradient.abs().sum() > 0

@@ -51,8 +51,14 @@ def test_hardened_defense_round_trips_through_its_profile(tmp_path):
     patched = [patched_batch(4, seed=s) for s in range(6)]
     clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
     defense.fit_fusion(patched + clean, FusionTraining(epochs=10, batch_size=8, learning_rate=0.05))
-    defense.calibrate(patched[:3] + clean[:3])
+    defense.calibrate(patched[:3] + clean[:3], target_fpr=0.1)
     assert defense.state.extreme_threshold is not None and defense.state.extreme_calibration.false_positive_rate <= 0.01
+    # the two thresholds were chosen together: the calibration's operating point is the combined flag's
+    calibration_images = torch.cat([images for images, _ in clean[:3]])
+    with torch.no_grad():
+        flagged_clean = defense.detect(calibration_images).flagged.float().mean().item()
+    assert flagged_clean == pytest.approx(defense.state.calibration.false_positive_rate) and flagged_clean <= 0.1
+    assert defense.state.calibration.criterion == "joint fpr<=0.1"
     loaded = ZMask.load(defense.save(tmp_path / "hardened.safetensors"), seeded_toy())
     images = torch.cat([patched_batch(2, seed=77)[0], clean_batches(1, 2, seed=78)[0]])
     with torch.no_grad():

@@ -192,3 +192,28 @@ def test_hard_negatives_are_occluded_clean_samples_with_empty_masks(toy_setup):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, again))
     with pytest.raises(ZMaskError, match="hard_negatives"):
         patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, hard_negatives=1.5)
+
+
+def test_adaptive_attacks_are_reported_next_to_the_random_noise_control(toy_setup, tmp_path):
+    """Each defense-aware attack gets Z-Mask's flag rate, mask IoU and defended metric beside the
+    random-noise control's, the gap between them with an interval, and the strongest is named."""
+    from zmask.attacks.patch_io import random_noise_patch
+
+    model, defense, dataset, patches = toy_setup
+    noise = random_noise_patch(tuple(patches[0].shape[-2:]), 0)
+    spec = ExperimentSpec("toy", {"random L": noise, "L": patches[0]}, {}, {("mask", 0.0): patches[1], ("flag", 0.0): patches[0]},
+                          seed=3, batch_size=4, examples=0)
+    results = run_experiments(SegmentationTask(model, 3, 255), dataset, defense, spec, [ZMaskDefense(defense), NoDefense(model)],
+                              [ZMaskDefense(defense)], tmp_path, progress=False)
+    adaptive = results["adaptive"]
+    assert adaptive["control"] == "random L" and set(adaptive["attacks"]) == {"flag alpha=0.0", "mask alpha=0.0"}
+    control = results["masking"]["random L"]["zmask"]["miou"]
+    for name, row in adaptive["attacks"].items():
+        defended = results["alpha_sweep"][name]["zmask"]
+        assert row["miou"] == defended["miou"] and row["control"] == control
+        assert row["gap"] == pytest.approx(defended["miou"] - control)
+        assert row["flag_rate"] == defended["flag_rate"] and row["mask_iou"] == defended["mask_iou"]
+        low, high = row["gap_ci"]
+        assert low <= high
+    assert adaptive["strongest"] == min(adaptive["attacks"], key=lambda name: adaptive["attacks"][name]["gap"])
+    assert "## Adaptive attacks against Z-Mask next to the random-noise control" in (tmp_path / "summary.md").read_text()

@@ -223,7 +223,8 @@ def run_fit(args: argparse.Namespace) -> int:
     plan = FitPlan(args.statistics_images, args.fusion_images, args.calibration_images,
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
                    seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto", calibrate_mask=args.calibrate_mask,
-                   layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None, max_overhead=args.max_overhead)
+                   layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None, max_overhead=args.max_overhead,
+                   layered=args.layered)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")

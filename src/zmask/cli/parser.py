@@ -18,7 +18,7 @@ from .checks import (MAX_BATCH, MAX_EPOCHS, MAX_FRAMES, MAX_IMAGES, MAX_PLACEMEN
 # checked when the command runs.
 BUILTIN_TASK_OBJECTIVES = {"segmentation": ("untargeted",), "detection": ("untargeted", "vanishing")}
 BUILTIN_DEFENSES = ("zmask", "lgs", "masknet", "hn", "fpda", "none")
-BUILTIN_ADAPTIVE_OBJECTIVES = ("mask", "flag", "end_to_end", "suppress")
+BUILTIN_ADAPTIVE_OBJECTIVES = ("mask", "flag", "end_to_end", "suppress", "suppress_all", "flag_evasion", "decoy")
 OVERWRITE_HELP = "replace the outputs of an earlier zmask run at --out (files zmask did not write are never replaced)"
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--calibrate-mask", action="store_true",
                      help="choose the soft-mask threshold of Eq. 4 (default 0.5, the paper's) for the best patch-mask IoU on the "
                           "patched calibration samples; without it the fit still reports that IoU and warns if the masks are empty")
+    fit.add_argument("--layered", action="store_true",
+                     help="beyond the paper: the channel-extreme score of the analysed layers joins the Z-Mask score in one flag "
+                          "whose thresholds are calibrated together (--target-fpr bounds the combination), and a flagged frame's "
+                          "keep-mask is chosen among candidates by re-running each (docs/method.md, 'Layered evidence')")
     fit.add_argument("--layers", choices=["auto"],
                      help="auto: choose S and D on the training images (separability, localisation, cost of every candidate "
                           "layer down to 1/8 resolution); the evidence goes into the profile")

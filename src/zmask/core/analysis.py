@@ -15,6 +15,7 @@ import torch
 
 from ..config import ZMaskConfig
 from ..errors import InputError, NotFittedError
+from .calibration import union_score
 from .extremes import coverage_map, extreme_score
 from .fusion import fuse_and_score
 from .masking import keep_mask, patch_mask
@@ -42,8 +43,12 @@ class Analysis:
     ``patch_mask``: 1[M~ > threshold] (B x 1 x H x W, 1 = patch, every image, not dilated);
     ``keep_mask``: Eq. 4's M (1 = keep; all ones where not flagged; dilated by ``mask_dilation``).
     With channel-extreme evidence (``config.extreme_layers``): ``extreme_score`` (B), and an image
-    is flagged by either score; with ``config.extreme_mask`` also ``coverage`` (B x 1 x h x w,
-    pixels where a channel exceeds its clean maximum), masked with the patch mask.
+    is flagged by either score; with ``config.extreme_mask`` or ``config.mask_candidates`` also
+    ``coverage`` (B x 1 x h x w, pixels where a channel exceeds its clean maximum), added to the
+    patch mask when ``coverage_in_mask`` (``config.extreme_mask``). ``margin`` (B): how far the
+    evidence is past the flag (:func:`flag_margin`; None without lambda0). ``candidate`` (B long):
+    which keep-mask candidate a flagged image was re-processed with (0 = Eq. 4's; -1 = not
+    flagged; None when the defense does not choose among candidates).
     """
 
     heatmaps: Heatmaps
@@ -55,6 +60,9 @@ class Analysis:
     mask_dilation: int = 0
     extreme_score: torch.Tensor | None = None
     coverage: torch.Tensor | None = None
+    coverage_in_mask: bool = True
+    margin: torch.Tensor | None = None
+    candidate: torch.Tensor | None = None
 
     @cached_property
     def patch_mask(self) -> torch.Tensor:
@@ -62,7 +70,8 @@ class Analysis:
 
     @cached_property
     def keep_mask(self) -> torch.Tensor:
-        return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation, self.coverage)
+        extra = self.coverage if self.coverage_in_mask else None
+        return keep_mask(self.soft_mask, self.flagged, self.input_size, self.mask_threshold, self.mask_dilation, extra)
 
 
 def kernel_sets(config: ZMaskConfig, layer: str) -> dict[str, Sequence[tuple[int, int]]]:
@@ -110,6 +119,16 @@ def flag(score: torch.Tensor, threshold: float, extreme: torch.Tensor | None = N
     return flagged
 
 
+def flag_margin(score: torch.Tensor, threshold: float, extreme: torch.Tensor | None = None,
+                extreme_threshold: float | None = None) -> torch.Tensor:
+    """Per image, how far the evidence is past the flag: above 0 exactly when :func:`flag` is up,
+    lower for a frame that looks cleaner (each score's excess over its threshold relative to the
+    threshold, the larger of the two; :func:`zmask.core.calibration.union_score`). Differentiable."""
+    if extreme is not None and extreme_threshold is not None:
+        return union_score(score, extreme, threshold, extreme_threshold)
+    return (score - threshold) / max(abs(threshold), 1e-6)
+
+
 def analyze(
     activations: Mapping[str, torch.Tensor], state: FittedState, config: ZMaskConfig, refiner: LayerRefiner,
     input_size: tuple[int, int], gate: bool = True, per_layer: bool = False,
@@ -129,15 +148,17 @@ def analyze(
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
     soft, score = fuse_and_score(state.fusion, heatmaps.shallow, heatmaps.deep, config.score)
     hyper = extreme_score(activations, extremes) if extremes else None
-    coverage = coverage_map(activations, extremes) if extremes and config.extreme_mask else None
+    coverage = coverage_map(activations, extremes) if extremes and (config.extreme_mask or config.mask_candidates) else None
     _check_finite(score, hyper)
+    margin = flag_margin(score, state.threshold, hyper, state.extreme_threshold) if state.threshold is not None else None
     if gate:
         if state.threshold is None:
             raise NotFittedError("the threshold lambda0 is not set: call calibrate(...) or pass gate=False")
         flagged = flag(score, state.threshold, hyper, state.extreme_threshold)
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    return Analysis(heatmaps, soft, score, flagged, (int(input_size[0]), int(input_size[1])), config.mask_threshold, config.mask_dilation, hyper, coverage)
+    return Analysis(heatmaps, soft, score, flagged, (int(input_size[0]), int(input_size[1])), config.mask_threshold, config.mask_dilation,
+                    hyper, coverage, config.extreme_mask, margin)
 
 
 def _check_finite(score: torch.Tensor, extreme: torch.Tensor | None) -> None:

@@ -73,3 +73,80 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     flagged_clean = float((clean > threshold).mean())
     flagged_patched = float((patched > threshold).mean())
     return Calibration(threshold, flagged_patched, flagged_clean, roc_auc(clean, patched), criterion)
+
+
+MAX_CANDIDATES = 1024  # thresholds tried per score by calibrate_union
+
+
+def _candidate_thresholds(values: np.ndarray) -> np.ndarray:
+    """Every distinct way ``score > t`` can split ``values``: midpoints between consecutive
+    distinct values, one below the smallest (flags all) and the largest value (flags none)."""
+    distinct = np.unique(values)
+    if distinct.size > MAX_CANDIDATES:  # a large calibration set: evenly spaced order statistics
+        distinct = distinct[np.linspace(0, distinct.size - 1, MAX_CANDIDATES).round().astype(int)]
+    below = distinct[0] - max(1e-12, 1e-9 * abs(distinct[0]))
+    return np.concatenate([[below], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1]]])
+
+
+def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, target_fpr: float | None = None,
+                    second_fpr: float | None = None) -> tuple[Calibration, Calibration, Calibration]:
+    """Thresholds (t1, t2) of the flag ``first > t1 or second > t2``, chosen together so that the
+    false-alarm rate of the combination is what ``target_fpr`` bounds (two thresholds calibrated
+    one by one would add their false alarms).
+
+    Every pair of thresholds that splits the calibration scores differently is tried: with
+    ``target_fpr`` the pair with the highest TPR whose combined FPR does not exceed it, otherwise
+    Youden's J of the combination; ``second_fpr`` bounds the share of clean images the second
+    score flags on its own. Ties go to the lower FPR, then to the higher thresholds. Returns
+    (the combined operating point, whose threshold is t1 and whose AUC is that of the combined
+    score :func:`union_score`; the first score alone at t1; the second alone at t2).
+    """
+    clean = _as_scores(clean_scores, "clean_scores")
+    patched = _as_scores(patched_scores, "patched_scores")
+    clean2 = _as_scores(clean_second, "clean_second")
+    patched2 = _as_scores(patched_second, "patched_second")
+    if clean.size != clean2.size or patched.size != patched2.size:
+        raise InputError("both scores must be given for the same clean and patched images")
+    for name, rate in (("target_fpr", target_fpr), ("second_fpr", second_fpr)):
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise InputError(f"{name}={rate} must lie in [0, 1]")
+    first_candidates = _candidate_thresholds(np.r_[clean, patched])
+    second_candidates = _candidate_thresholds(np.r_[clean2, patched2])
+    if second_fpr is not None:
+        alone = (clean2[None, :] > second_candidates[:, None]).mean(1)
+        second_candidates = second_candidates[alone <= second_fpr]
+    fpr = np.empty((first_candidates.size, second_candidates.size))
+    tpr = np.empty_like(fpr)
+    clean_second_flags = clean2[None, :] > second_candidates[:, None]  # (second candidates, images)
+    patched_second_flags = patched2[None, :] > second_candidates[:, None]
+    for i, threshold in enumerate(first_candidates):  # one row at a time: memory grows with candidates x images only
+        fpr[i] = (clean_second_flags | (clean > threshold)[None, :]).mean(1)
+        tpr[i] = (patched_second_flags | (patched > threshold)[None, :]).mean(1)
+    objective = tpr - fpr if target_fpr is None else np.where(fpr <= target_fpr, tpr, -np.inf)
+    # lexicographic: objective, then lower FPR, then higher thresholds (the candidates are sorted ascending)
+    rows, cols = np.indices(objective.shape)
+    order = np.lexsort((cols.ravel(), rows.ravel(), -fpr.ravel(), objective.ravel()))
+    i, j = np.unravel_index(order[-1], objective.shape)
+    first_threshold, second_threshold = float(first_candidates[i]), float(second_candidates[j])
+    criterion = "joint youden" if target_fpr is None else f"joint fpr<={target_fpr}"
+    combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
+                           union_score(patched, patched2, first_threshold, second_threshold))
+    joint = Calibration(first_threshold, float(tpr[i, j]), float(fpr[i, j]), combined_auc, criterion)
+    first = Calibration(first_threshold, float((patched > first_threshold).mean()), float((clean > first_threshold).mean()),
+                        roc_auc(clean, patched), criterion)
+    second = Calibration(second_threshold, float((patched2 > second_threshold).mean()), float((clean2 > second_threshold).mean()),
+                         roc_auc(clean2, patched2), criterion)
+    return joint, first, second
+
+
+def union_score(first, second, first_threshold: float, second_threshold: float):
+    """One number per image for the flag ``first > t1 or second > t2``: the larger margin, each
+    score's excess over its threshold divided by the threshold's magnitude (floored at 1e-6), so
+    that it is above 0 exactly when the flag is up and lower is "more like a clean image".
+    Works on arrays and tensors (differentiable), elementwise."""
+    first_scale = max(abs(first_threshold), 1e-6)
+    second_scale = max(abs(second_threshold), 1e-6)
+    margins = ((first - first_threshold) / first_scale, (second - second_threshold) / second_scale)
+    if isinstance(first, torch.Tensor):
+        return torch.maximum(*margins)
+    return np.maximum(*margins)

@@ -25,6 +25,7 @@ class MaskEvidence(Protocol):
     mask_dilation: int
     extreme_score: torch.Tensor | None
     coverage: torch.Tensor | None
+    coverage_in_mask: bool
 
 
 def patch_mask(soft_mask: torch.Tensor, input_size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
@@ -75,7 +76,7 @@ def straight_through_keep_mask(analysis: MaskEvidence, threshold: float | None, 
     size = tuple(analysis.input_size)
     soft = F.interpolate(analysis.soft_mask, size=size, mode="nearest")
     hard = (soft.detach() > analysis.mask_threshold).float()
-    if analysis.coverage is not None:
+    if analysis.coverage is not None and analysis.coverage_in_mask:
         hard = torch.maximum(hard, F.interpolate(analysis.coverage.float(), size=size, mode="nearest"))
     hard = dilate_mask(hard, analysis.mask_dilation)
     masked = hard + (soft - soft.detach())  # exactly ``hard`` forward, the soft mask's gradient backward

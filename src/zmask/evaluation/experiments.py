@@ -150,6 +150,9 @@ def run_experiments(
         alpha_settings = [PatchSetting(f"{attack} alpha={alpha}", patch) for (attack, alpha), patch in sorted(spec.alpha_patches.items())]
         sweep = cache.run(alpha_settings, [d for d in all_defenses if d.masks])
         results["alpha_sweep"] = {s: {d: _with_intervals(m, key, boot) for d, m in row.items()} for s, row in sweep.items()}
+        control = next((name for name in table if name.startswith("random")), None)
+        if control is not None and ZMaskDefense.name in table[control]:
+            results["adaptive"] = _against_control(sweep, table[control][ZMaskDefense.name], control, key, boot)
         if primary:
             for attack in sorted({a for a, _ in spec.alpha_patches}):
                 alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
@@ -179,6 +182,29 @@ def _with_intervals(metrics: DefenseMetrics, key: str, boot: Bootstrap) -> dict[
         if metrics.mask_iou:
             summary["mask_iou_ci"] = boot.mean_interval(metrics.mask_iou)
     return summary
+
+
+def _against_control(sweep: dict[str, dict[str, DefenseMetrics]], control: DefenseMetrics, control_name: str, key: str,
+                     boot: Bootstrap) -> dict[str, Any]:
+    """Per defense-aware attack, Z-Mask's flag rate, patch-mask IoU and defended metric next to the
+    random-noise control's defended metric, and the gap (attack - control) with its interval: what
+    the attack takes that a harmless patch of the same size would not. The strongest attack is
+    the one with the lowest gap."""
+    rows: dict[str, Any] = {}
+    for setting, row in sweep.items():
+        defended = row.get(ZMaskDefense.name)
+        if defended is None or key not in defended.task or key not in control.task:
+            continue
+        summary = _with_intervals(defended, key, boot)
+        rows[setting] = {
+            "flag_rate": summary.get("flag_rate"), "flag_rate_ci": summary.get("flag_rate_ci"),
+            "mask_iou": summary.get("mask_iou"), "mask_iou_ci": summary.get("mask_iou_ci"),
+            key: defended.task[key], f"{key}_ci": summary.get(f"{key}_ci"),
+            "control": control.task[key], "gap": defended.task[key] - control.task[key],
+            "gap_ci": boot.gap_interval(defended, control, key),
+        }
+    strongest = min(rows, key=lambda name: rows[name]["gap"]) if rows else None
+    return {"control": control_name, "strongest": strongest, "attacks": rows}
 
 
 def _recoveries(table: dict[str, dict[str, DefenseMetrics]], masking: list[str], key: str, boot: Bootstrap) -> dict[str, Any]:
@@ -267,4 +293,14 @@ def summary_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += ["## Defense-aware attacks (alpha sweep; " + key + " / Z-Mask TPR)", "",
                   markdown_table(list(sweep), columns, lambda r, c: f"{fmt_interval(sweep[r].get(c, {}).get(key), sweep[r].get(c, {}).get(f'{key}_ci'))} / "
                                                                     f"{fmt(sweep[r].get(c, {}).get('flag_rate'))}"), ""]
+    adaptive = results.get("adaptive")
+    if adaptive and adaptive["attacks"]:
+        rows = adaptive["attacks"]
+        lines += [f"## Adaptive attacks against Z-Mask next to the random-noise control ({adaptive['control']}; gap = defended "
+                  f"{key} under the attack - under the control; strongest: {adaptive['strongest']})", "",
+                  f"| attack | flagged | patch-mask IoU | defended {key} | control {key} | gap |", "|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            lines.append(f"| {name} | {fmt_interval(row['flag_rate'], row['flag_rate_ci'])} | {fmt_interval(row['mask_iou'], row['mask_iou_ci'])} | "
+                         f"{fmt_interval(row[key], row[f'{key}_ci'])} | {fmt(row['control'])} | {fmt_interval(row['gap'], row['gap_ci'])} |")
+        lines.append("")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..attacks import EOTConfig, apply_patch
-from ..config import ZMaskConfig
+from ..config import MAX_CANDIDATE_WINDOWS, ZMaskConfig
 from ..core.fusion import FusionTraining
 from ..data.batching import dataset_length, image_batches
 from ..defense import ZMask
@@ -41,7 +41,11 @@ class FitPlan:
     grid and its halvings) whose defended clean frame costs at most ``1 + max_overhead`` forward
     passes on this machine (:func:`~zmask.evaluation.cost.choose_heatmap`), after the layers are
     chosen; the report's ``cost`` gives the measured grids and the layer evidence at the configured
-    and the chosen grid."""
+    and the chosen grid.
+    ``layered``: beyond the paper, layered evidence - the channel-extreme score of every analysed
+    layer joins the Z-Mask score in one flag whose thresholds are calibrated together, and a
+    flagged frame's keep-mask is chosen among candidates (Eq. 4's, coverage regions, windows of
+    the patches' sizes) by re-running each (``ZMaskConfig.mask_candidates``)."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -59,6 +63,7 @@ class FitPlan:
     calibrate_mask: bool = False
     max_overhead: float | None = None
     heatmap_candidates: tuple[tuple[int, int], ...] = ()
+    layered: bool = False
 
 
 def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
@@ -143,6 +148,9 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     if plan.max_overhead is not None:
         cost = _cost_aware_grid(model, config, statistics_set, fusion_set, patches, plan, progress)
         config = config.at_heatmap(cost.chosen)
+    if plan.layered:
+        windows = tuple(dict.fromkeys((int(p.shape[-2]), int(p.shape[-1])) for p in patches))[:MAX_CANDIDATE_WINDOWS]
+        config = config.replace(extreme_layers=config.layers, mask_candidates=True, candidate_windows=windows)
     defense = ZMask(model, config, seed=plan.seed)
     defense.fit_statistics(image_batches(statistics_set, plan.batch_size), progress=progress)
     fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements,
@@ -159,8 +167,10 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         "mask_threshold": defense.config.mask_threshold, "calibrate_mask": plan.calibrate_mask,
         "calibration_mask_iou": defense.state.calibration_mask_iou,
         "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
-        "heatmap_size": list(config.heatmap_size),
+        "heatmap_size": list(config.heatmap_size), "layered": plan.layered,
     }
+    if defense.state.extreme_calibration is not None:
+        report["extreme_calibration"] = defense.state.extreme_calibration.__dict__
     if selection is not None:
         report["layer_selection"] = selection.to_dict()
     if cost is not None:

@@ -117,3 +117,10 @@ class Bootstrap:
             return None
         values = [recovery(d[name], a[name], c[name]) for d, a, c in zip(*draws)]
         return percentile_interval(values, self.config.confidence)
+
+    def gap_interval(self, first: DefenseMetrics, second: DefenseMetrics, name: str) -> list[float] | None:
+        """Interval of ``first[name] - second[name]`` with both metrics taken on the same resampled images."""
+        draws = [self.metric_draws(m) for m in (first, second)]
+        if any(d is None for d in draws):
+            return None
+        return percentile_interval([a[name] - b[name] for a, b in zip(*draws)], self.config.confidence)

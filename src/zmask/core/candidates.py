@@ -1,0 +1,91 @@
+"""Evidence-guided masking: the candidate keep-masks of a flagged frame.
+
+A patch that suppresses its own spatial Z-score heat leaves Z-Mask's soft mask empty while the
+channel-extreme evidence still fires; masking the whole extreme coverage spreads far beyond the
+patch. So a flagged frame gets a few candidate keep-masks, each is tried by re-running the
+network (:meth:`zmask.ZMask.forward`), and the one whose re-pass looks most like a clean frame
+(the lowest flag margin, :func:`zmask.core.analysis.flag_margin`) wins. The candidates, in order
+(ties go to the earlier one):
+
+1. the Z-Mask keep-mask of Eq. 4 (the paper's choice);
+2. the bounding boxes of the largest connected regions of the channel-extreme coverage map;
+3. windows of the patch sizes the profile was fitted for (``ZMaskConfig.candidate_windows``),
+   centred where the soft mask, and where the coverage, is densest at that size.
+
+Pure functions of one analysis; the re-passes and the choice are the defense's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .masking import MaskEvidence, dilate_mask
+
+Box = tuple[int, int, int, int]  # top, left, bottom, right in input pixels (bottom/right exclusive)
+
+
+def region_boxes(coverage: torch.Tensor, max_regions: int) -> list[Box]:
+    """Boxes (in the map's cells) of the ``max_regions`` largest 8-connected regions of one binary
+    h x w map, largest first."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(coverage.detach().cpu().numpy() > 0.5, structure=[[1, 1, 1]] * 3)
+    if count == 0 or max_regions < 1:
+        return []
+    sizes = ndimage.sum_labels(labels > 0, labels, index=range(1, count + 1))
+    slices = ndimage.find_objects(labels)
+    largest = sorted(range(count), key=lambda k: (-float(sizes[k]), k))[:max_regions]
+    return [(slices[k][0].start, slices[k][1].start, slices[k][0].stop, slices[k][1].stop) for k in largest]
+
+
+def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Box:
+    """A box of a ``from_size`` grid as the pixels of ``to_size`` it covers (outward rounding)."""
+    (fh, fw), (th, tw) = from_size, to_size
+    top, left, bottom, right = box
+    return (top * th // fh, left * tw // fw, -(-bottom * th // fh), -(-right * tw // fw))
+
+
+def peak_window(heat: torch.Tensor, window: tuple[int, int], input_size: tuple[int, int]) -> Box:
+    """The box of ``window`` input pixels, inside the image, whose mean of ``heat`` (h x w, any
+    resolution, nearest-stretched over the image) is the largest (the first such, row-major)."""
+    height, width = int(heat.shape[-2]), int(heat.shape[-1])
+    cells = (max(1, min(height, round(window[0] * height / input_size[0]))), max(1, min(width, round(window[1] * width / input_size[1]))))
+    pooled = F.avg_pool2d(heat.detach().float().view(1, 1, height, width), cells, stride=1)
+    position = int(pooled.flatten().argmax())
+    row, col = divmod(position, int(pooled.shape[-1]))
+    top, left, _, _ = scale_box((row, col, row + cells[0], col + cells[1]), (height, width), input_size)
+    top, left = min(top, max(input_size[0] - window[0], 0)), min(left, max(input_size[1] - window[1], 0))
+    return (top, left, min(top + window[0], input_size[0]), min(left + window[1], input_size[1]))
+
+
+def box_keep_mask(box: Box, input_size: tuple[int, int], dilation: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """1 x H x W keep-mask (1 = keep) with ``box`` (grown by ``dilation`` pixels) set to 0."""
+    masked = torch.zeros(1, 1, *input_size, device=device)
+    top, left, bottom, right = box
+    masked[..., top:bottom, left:right] = 1.0
+    return 1.0 - dilate_mask(masked, dilation)[0]
+
+
+def candidate_keep_masks(analysis: MaskEvidence, keep: torch.Tensor, image: int, windows: Sequence[tuple[int, int]],
+                         max_regions: int) -> torch.Tensor:
+    """K x 1 x H x W candidate keep-masks of image ``image`` of a flagged batch (``keep``: the
+    batch's Eq. 4 keep-masks), duplicates removed, the Z-Mask keep-mask first."""
+    size = (int(analysis.input_size[0]), int(analysis.input_size[1]))
+    candidates = [keep[image]]
+    dilation = analysis.mask_dilation
+    coverage = analysis.coverage[image, 0] if analysis.coverage is not None else None
+    if coverage is not None:
+        grid = (int(coverage.shape[-2]), int(coverage.shape[-1]))
+        candidates += [box_keep_mask(scale_box(box, grid, size), size, dilation, keep.device) for box in region_boxes(coverage, max_regions)]
+    heats = [analysis.soft_mask[image, 0]] + ([coverage] if coverage is not None and bool(coverage.any()) else [])
+    for window in windows:
+        window = (min(int(window[0]), size[0]), min(int(window[1]), size[1]))
+        candidates += [box_keep_mask(peak_window(heat, window, size), size, dilation, keep.device) for heat in heats]
+    unique: list[torch.Tensor] = []
+    for candidate in candidates:
+        if not any(torch.equal(candidate, seen) for seen in unique):
+            unique.append(candidate)
+    return torch.stack(unique)

@@ -1,0 +1,100 @@
+"""Evidence-guided masking: candidate keep-masks and the defense's choice among them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zmask import ConfigError, FusionTraining, ZMask
+from zmask.core.candidates import box_keep_mask, peak_window, region_boxes, scale_box
+from zmask.core.masking import mask_iou
+
+from ..toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+
+
+def test_regions_come_largest_first_with_their_boxes():
+    coverage = torch.zeros(10, 12)
+    coverage[1:3, 1:3] = 1  # 4 cells
+    coverage[5:9, 6:11] = 1  # 20 cells
+    coverage[0, 11] = 1  # 1 cell
+    assert region_boxes(coverage, 2) == [(5, 6, 9, 11), (1, 1, 3, 3)]
+    assert region_boxes(torch.zeros(4, 4), 3) == []
+    assert scale_box((5, 6, 9, 11), (10, 12), (100, 120)) == (50, 60, 90, 110)
+
+
+def test_the_peak_window_covers_the_hot_spot_and_stays_inside():
+    heat = torch.zeros(24, 32)
+    heat[10:14, 20:26] = 1.0
+    top, left, bottom, right = peak_window(heat, (16, 24), (96, 128))
+    assert (bottom - top, right - left) == (16, 24)
+    assert top <= 40 and bottom >= 56 and left <= 80 and right >= 104  # the spot spans rows 40-56, columns 80-104
+    corner = torch.zeros(24, 32)
+    corner[-1, -1] = 1.0
+    assert peak_window(corner, (16, 24), (96, 128))[2:] == (96, 128)
+    keep = box_keep_mask((2, 3, 5, 7), (8, 10))
+    assert keep.shape == (1, 8, 10) and keep.sum() == 80 - 12 and keep[0, 2:5, 3:7].sum() == 0
+
+
+def _layered_toy(mask_threshold: float = 0.5) -> ZMask:
+    config = TOY_CONFIG.replace(extreme_layers=("c2", "c3"), mask_candidates=True, candidate_windows=((32, 32),),
+                                mask_threshold=mask_threshold)
+    defense = ZMask(seeded_toy(), config, seed=0)
+    defense.fit_statistics(clean_batches(6))
+    patched = [patched_batch(4, seed=s) for s in range(6)]
+    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
+    defense.fit_fusion(patched + clean, FusionTraining(epochs=10, batch_size=8, learning_rate=0.05))
+    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
+    return defense
+
+
+def test_a_flagged_frame_is_reprocessed_with_the_candidate_that_looks_cleanest():
+    defense = _layered_toy()
+    images, _ = patched_batch(3, seed=321)
+    images = torch.cat([images, clean_batches(1, 1, seed=5)[0]])
+    with torch.no_grad():
+        result = defense(images)
+        analysis = result.detection
+        assert analysis.candidate is not None and analysis.flagged[:3].all()
+        assert torch.equal(analysis.candidate < 0, ~analysis.flagged)
+        index = analysis.flagged.nonzero().flatten()
+        # the output is the model on the image masked with the chosen keep-mask
+        chosen = defense.apply_mask(images[index], analysis.keep_mask[index])
+        assert torch.allclose(result.output[index], defense.model(chosen), atol=1e-6)
+        # and that re-pass looks no less clean than the one with Eq. 4's mask
+        plain = defense.detect(images, gate=True)
+        size = tuple(images.shape[-2:])
+        margin_chosen = defense.analyze(defense.capture(chosen)[1], size, gate=False).margin
+        eq4 = defense.apply_mask(images[index], plain.keep_mask[index])
+        margin_eq4 = defense.analyze(defense.capture(eq4)[1], size, gate=False).margin
+        assert (margin_chosen <= margin_eq4 + 1e-6).all()
+        if not bool(analysis.flagged[3]):
+            assert torch.allclose(result.output[3:], defense.model(images[3:]), atol=1e-6)
+
+
+def test_with_an_empty_soft_mask_the_candidates_still_find_the_patch():
+    """Eq. 4's mask is empty (a soft-mask threshold no heat reaches, as after a heat-suppressing
+    attack); a coverage region or a window must then cover the patch."""
+    defense = _layered_toy(mask_threshold=0.999)
+    images, masks = patched_batch(4, seed=77)
+    with torch.no_grad():
+        analysis = defense(images).detection
+    flagged = analysis.flagged
+    assert flagged.any()
+    assert (analysis.candidate[flagged] > 0).all()  # Eq. 4's empty mask never wins
+    iou = mask_iou(1 - analysis.keep_mask[flagged], masks[flagged])
+    assert float(iou.mean()) > 0.3
+
+
+def test_choosing_candidates_needs_a_calibrated_defense_and_bounded_settings():
+    with pytest.raises(ConfigError, match="candidate_windows"):
+        TOY_CONFIG.replace(candidate_windows=((0, 4),))
+    with pytest.raises(ConfigError, match="candidate_windows"):
+        TOY_CONFIG.replace(candidate_windows=((4, 4),) * 5)
+    with pytest.raises(ConfigError, match="candidate_regions"):
+        TOY_CONFIG.replace(candidate_regions=100)
+    defense = ZMask(seeded_toy(), TOY_CONFIG.replace(mask_candidates=True), seed=0)
+    defense.fit_statistics(clean_batches(2))
+    from zmask.errors import NotFittedError
+
+    with pytest.raises(NotFittedError, match="lambda0"):
+        defense(patched_batch(1)[0], gate=False)

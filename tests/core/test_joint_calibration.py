@@ -1,0 +1,80 @@
+"""The two thresholds of the layered flag are chosen together (calibrate_union)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zmask.core.calibration import calibrate_threshold, calibrate_union, union_score
+from zmask.errors import InputError
+
+
+def _rates(threshold_pair, clean, patched):
+    (t1, t2), (c1, c2), (p1, p2) = threshold_pair, clean, patched
+    return float(((c1 > t1) | (c2 > t2)).mean()), float(((p1 > t1) | (p2 > t2)).mean())
+
+
+def test_each_score_catches_its_own_attacks_and_the_union_catches_both():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0, 1, 200), rng.normal(0, 1, 200)
+    # half the patched images raise only the first score, half only the second
+    patched = np.r_[rng.normal(4, 1, 50), rng.normal(0, 1, 50)], np.r_[rng.normal(0, 1, 50), rng.normal(4, 1, 50)]
+    joint, first, second = calibrate_union(*clean[:1], *patched[:1], clean[1], patched[1], target_fpr=0.05)
+    fpr, tpr = _rates((joint.threshold, second.threshold), clean, patched)
+    assert (fpr, tpr) == (joint.false_positive_rate, joint.true_positive_rate)
+    assert fpr <= 0.05
+    assert tpr > 0.85  # either score alone catches at most about half
+    assert first.true_positive_rate < 0.6 and second.true_positive_rate < 0.6
+    # two thresholds each calibrated at 5% alone would let the combination exceed the target
+    alone = calibrate_threshold(clean[0], patched[0], 0.05).threshold, calibrate_threshold(clean[1], patched[1], 0.05).threshold
+    assert _rates(alone, clean, patched)[0] > joint.false_positive_rate
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([None, 0.0, 0.1, 0.3]))
+def test_the_chosen_pair_is_optimal_among_all_pairs(seed, target):
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(0, 1, 12).round(1), rng.normal(0, 1, 12).round(1)
+    patched = rng.normal(1, 1, 9).round(1), rng.normal(1, 1, 9).round(1)
+    joint, _, second = calibrate_union(clean[0], patched[0], clean[1], patched[1], target_fpr=target)
+    fpr, tpr = _rates((joint.threshold, second.threshold), clean, patched)
+    assert (fpr, tpr) == pytest.approx((joint.false_positive_rate, joint.true_positive_rate))
+    values = [np.r_[clean[k], patched[k], -1e9, 1e9] for k in range(2)]
+    best = -np.inf
+    for t1 in values[0]:
+        for t2 in values[1]:
+            f, t = _rates((t1, t2), clean, patched)
+            if target is None:
+                best = max(best, t - f)
+            elif f <= target:
+                best = max(best, t)
+    assert (tpr - fpr if target is None else tpr) == pytest.approx(best)
+    if target is not None:
+        assert fpr <= target
+
+
+def test_the_second_score_alone_is_bounded():
+    rng = np.random.default_rng(1)
+    clean = rng.normal(0, 1, 100), rng.normal(0, 1, 100)
+    patched = rng.normal(0, 1, 100), rng.normal(1, 1, 100)
+    _, _, second = calibrate_union(clean[0], patched[0], clean[1], patched[1], target_fpr=0.2, second_fpr=0.03)
+    assert second.false_positive_rate <= 0.03
+
+
+def test_union_score_is_positive_exactly_when_flagged():
+    first, second = torch.tensor([0.1, 0.5, 0.2, 0.9]), torch.tensor([1.0, 1.0, 7.0, 0.0])
+    margin = union_score(first, second, 0.4, 5.0)
+    assert torch.equal(margin > 0, (first > 0.4) | (second > 5.0))
+    assert isinstance(union_score(first.numpy(), second.numpy(), 0.4, 5.0), np.ndarray)
+
+
+def test_mismatched_or_bad_scores_are_refused():
+    with pytest.raises(InputError, match="same clean and patched images"):
+        calibrate_union([0.1, 0.2], [0.9], [0.1], [0.9])
+    with pytest.raises(InputError, match="target_fpr"):
+        calibrate_union([0.1], [0.9], [0.1], [0.9], target_fpr=2.0)
+    with pytest.raises(InputError, match="NaN"):
+        calibrate_union([float("nan")], [0.9], [0.1], [0.9])
