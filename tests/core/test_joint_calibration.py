@@ -78,3 +78,13 @@ def test_mismatched_or_bad_scores_are_refused():
         calibrate_union([0.1], [0.9], [0.1], [0.9], target_fpr=2.0)
     with pytest.raises(InputError, match="NaN"):
         calibrate_union([float("nan")], [0.9], [0.1], [0.9])
+
+
+def test_when_both_scores_separate_both_stay_active():
+    """A score that separates perfectly on its own must not switch the other off ("never flag")."""
+    clean = np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0])
+    patched = np.array([0.8, 0.9]), np.array([70.0, 80.0])
+    joint, first, second = calibrate_union(clean[0], patched[0], clean[1], patched[1])
+    assert (joint.true_positive_rate, joint.false_positive_rate) == (1.0, 0.0)
+    assert first.true_positive_rate == 1.0 and second.true_positive_rate == 1.0
+    assert 0.3 < first.threshold < 0.8 and 3.0 < second.threshold < 70.0

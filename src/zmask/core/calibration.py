@@ -97,7 +97,9 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     Every pair of thresholds that splits the calibration scores differently is tried: with
     ``target_fpr`` the pair with the highest TPR whose combined FPR does not exceed it, otherwise
     Youden's J of the combination; ``second_fpr`` bounds the share of clean images the second
-    score flags on its own. Ties go to the lower FPR, then to the higher thresholds. Returns
+    score flags on its own. Ties go to the lower FPR, then to the pair whose scores flag the most
+    patched and the fewest clean images on their own (both kinds of evidence stay active), then to
+    the higher thresholds. Returns
     (the combined operating point, whose threshold is t1 and whose AUC is that of the combined
     score :func:`union_score`; the first score alone at t1; the second alone at t2).
     """
@@ -123,10 +125,14 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
         fpr[i] = (clean_second_flags | (clean > threshold)[None, :]).mean(1)
         tpr[i] = (patched_second_flags | (patched > threshold)[None, :]).mean(1)
     objective = tpr - fpr if target_fpr is None else np.where(fpr <= target_fpr, tpr, -np.inf)
-    # lexicographic: objective, then lower FPR, then higher thresholds (the candidates are sorted ascending)
+    # Among equally good pairs, keep both kinds of evidence working: the most patched images each
+    # score flags on its own, then the fewest clean ones, then the higher thresholds. (Otherwise,
+    # when one score separates perfectly, "never flag" would do for the other.)
+    own_tpr = (patched[None, :] > first_candidates[:, None]).mean(1)[:, None] + patched_second_flags.mean(1)[None, :]
+    own_fpr = (clean[None, :] > first_candidates[:, None]).mean(1)[:, None] + clean_second_flags.mean(1)[None, :]
     rows, cols = np.indices(objective.shape)
-    order = np.lexsort((cols.ravel(), rows.ravel(), -fpr.ravel(), objective.ravel()))
-    i, j = np.unravel_index(order[-1], objective.shape)
+    keys = (cols, rows, -own_fpr, own_tpr, -fpr, objective)  # np.lexsort: the last key is the primary one
+    i, j = np.unravel_index(np.lexsort(tuple(np.broadcast_to(k, objective.shape).ravel() for k in keys))[-1], objective.shape)
     first_threshold, second_threshold = float(first_candidates[i]), float(second_candidates[j])
     criterion = "joint youden" if target_fpr is None else f"joint fpr<={target_fpr}"
     combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
