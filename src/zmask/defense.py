@@ -267,34 +267,43 @@ class ZMask(nn.Module):
 
     def _best_candidates(self, images: torch.Tensor, analysis: Analysis, index: torch.Tensor) -> Any:
         """Evidence-guided masking: re-run the flagged images ``index`` once per candidate keep-mask
-        (:func:`~zmask.core.candidates.candidate_keep_masks`, in one batch), keep for each the
-        candidate whose re-pass has the lowest flag margin, and return those re-passes' outputs.
-        Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a box won) and ``candidate``."""
+        (:func:`~zmask.core.candidates.candidate_keep_masks`), in batches no larger than the input
+        batch, keep for each image the candidate whose re-pass has the lowest flag margin, and return
+        those re-passes' outputs. Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a
+        box won) and ``candidate``."""
         if self.state.threshold is None:
             raise NotFittedError("choosing among keep-mask candidates needs lambda0: calibrate the defense first")
         keep = analysis.keep_mask
         per_image = [candidate_keep_masks(analysis, keep, int(i), self.config.candidate_windows, self.config.candidate_regions)
                      for i in index.tolist()]
-        owners = torch.cat([torch.full((len(c),), int(i), dtype=torch.long) for i, c in zip(index.tolist(), per_image)]).to(images.device)
+        owners = [slot for slot, candidates in enumerate(per_image) for _ in range(len(candidates))]
         stacked = torch.cat(per_image)
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        rerun, activations = self.capture(self.apply_mask(images[owners], stacked))
-        margin = self.analyze(activations, size, gate=False).margin
-        assert margin is not None  # lambda0 is set
-        chosen, start = [], 0
-        for candidates in per_image:
-            chosen.append(start + int(margin[start:start + len(candidates)].argmin()))  # ties: the first (Eq. 4's)
-            start += len(candidates)
-        positions = torch.tensor(chosen, dtype=torch.long, device=images.device)
-        starts = torch.tensor([0] + [len(c) for c in per_image[:-1]], device=images.device).cumsum(0)
-        candidate = torch.full(analysis.flagged.shape, -1, dtype=torch.long, device=images.device)
-        candidate[index] = positions - starts
+        best_margin = [float("inf")] * len(per_image)
+        best_position = [0] * len(per_image)
+        best_output: list[Any] = [None] * len(per_image)
+        step = max(1, int(images.shape[0]))  # peak memory as for the input batch, whatever the number of candidates
+        for start in range(0, len(owners), step):
+            part = torch.arange(start, min(start + step, len(owners)))
+            sources = index[torch.tensor([owners[p] for p in part.tolist()], dtype=torch.long, device=index.device)]
+            rerun, activations = self.capture(self.apply_mask(images[sources], stacked[part.to(stacked.device)]))
+            margin = self.analyze(activations, size, gate=False).margin
+            assert margin is not None  # lambda0 is set
+            for offset, position in enumerate(part.tolist()):
+                slot = owners[position]
+                if float(margin[offset]) < best_margin[slot]:  # strict: ties keep the earlier candidate (Eq. 4's first)
+                    best_margin[slot], best_position[slot] = float(margin[offset]), position
+                    best_output[slot] = take_outputs(rerun, torch.tensor([offset], device=margin.device))
+        positions = torch.tensor(best_position, dtype=torch.long, device=stacked.device)
+        first = torch.tensor([0] + [len(c) for c in per_image[:-1]], device=stacked.device).cumsum(0)
+        candidate = torch.full(analysis.flagged.shape, -1, dtype=torch.long, device=keep.device)
+        candidate[index] = (positions - first).to(keep.device)
         updated_keep, updated_patch = keep.clone(), analysis.patch_mask.clone()
         updated_keep[index] = stacked[positions]
         boxes = candidate[index] > 0
-        updated_patch[index[boxes]] = 1.0 - stacked[positions[boxes]]
+        updated_patch[index[boxes]] = 1.0 - stacked[positions[boxes.to(positions.device)]]
         analysis.keep_mask, analysis.patch_mask, analysis.candidate = updated_keep, updated_patch, candidate
-        return take_outputs(rerun, positions)
+        return concat_outputs(best_output)
 
     # ------------------------------------------------------------------ persistence
     def profile(self) -> Profile:
@@ -354,6 +363,20 @@ def take_outputs(output: Any, index: torch.Tensor) -> Any:
     if isinstance(output, list):
         return [output[i] for i in index.tolist()]
     raise ZMaskTypeError(f"cannot select from model outputs of type {type(output).__name__}; return a tensor, list or dict")
+
+
+def concat_outputs(outputs: list[Any]) -> Any:
+    """Batched outputs (as :func:`take_outputs` gives them) joined along the batch, in order."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        return {key: concat_outputs([output[key] for output in outputs]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(concat_outputs(list(parts)) for parts in zip(*outputs))
+    if isinstance(first, list):
+        return [item for output in outputs for item in output]
+    raise ZMaskTypeError(f"cannot join model outputs of type {type(first).__name__}; return a tensor, list or dict")
 
 
 def merge_outputs(first: Any, second: Any, index: torch.Tensor) -> Any:

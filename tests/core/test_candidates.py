@@ -98,3 +98,22 @@ def test_choosing_candidates_needs_a_calibrated_defense_and_bounded_settings():
 
     with pytest.raises(NotFittedError, match="lambda0"):
         defense(patched_batch(1)[0], gate=False)
+
+
+def test_the_choice_does_not_depend_on_how_the_candidates_are_batched():
+    """Candidates are re-run in batches of the input's size: a batch of one image and the same
+    image in a larger batch get the same keep-mask and output."""
+    from zmask.defense import concat_outputs, take_outputs
+
+    defense = _layered_toy()
+    images, _ = patched_batch(3, seed=5)
+    with torch.no_grad():
+        together = defense(images)
+        alone = [defense(images[i:i + 1]) for i in range(3)]
+    for i, single in enumerate(alone):
+        assert torch.equal(single.detection.keep_mask[0], together.detection.keep_mask[i])
+        assert torch.allclose(single.output[0], together.output[i], atol=1e-5)
+    outputs = [{"boxes": torch.ones(1, 4) * k, "parts": (torch.zeros(1), [k])} for k in range(3)]
+    joined = concat_outputs(outputs)
+    assert joined["boxes"][:, 0].tolist() == [0.0, 1.0, 2.0] and joined["parts"][1] == [0, 1, 2]
+    assert take_outputs(joined, torch.tensor([2, 0]))["parts"][1] == [2, 0]
