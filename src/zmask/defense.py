@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze
 from .core.calibration import Calibration, calibrate_threshold, calibrate_union
-from .core.candidates import candidate_keep_masks
+from .core.candidates import better_candidate, candidate_keep_masks
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
 from .core.extremes import ExtremeAccumulator
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
@@ -268,9 +268,10 @@ class ZMask(nn.Module):
     def _best_candidates(self, images: torch.Tensor, analysis: Analysis, index: torch.Tensor) -> Any:
         """Evidence-guided masking: re-run the flagged images ``index`` once per candidate keep-mask
         (:func:`~zmask.core.candidates.candidate_keep_masks`), in batches no larger than the input
-        batch, keep for each image the candidate whose re-pass has the lowest flag margin, and return
-        those re-passes' outputs. Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a
-        box won) and ``candidate``."""
+        batch, keep for each image the candidate :func:`~zmask.core.candidates.better_candidate`
+        prefers (the smallest mask whose re-pass is no longer flagged, else the lowest flag margin),
+        and return those re-passes' outputs. Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen
+        box where a box won) and ``candidate``."""
         if self.state.threshold is None:
             raise NotFittedError("choosing among keep-mask candidates needs lambda0: calibrate the defense first")
         keep = analysis.keep_mask
@@ -279,7 +280,8 @@ class ZMask(nn.Module):
         owners = [slot for slot, candidates in enumerate(per_image) for _ in range(len(candidates))]
         stacked = torch.cat(per_image)
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        best_margin = [float("inf")] * len(per_image)
+        areas = (1.0 - stacked).flatten(1).sum(1).tolist()
+        best: list[tuple[float, float] | None] = [None] * len(per_image)  # (margin, masked area) of the best so far
         best_position = [0] * len(per_image)
         best_output: list[Any] = [None] * len(per_image)
         step = max(1, int(images.shape[0]))  # peak memory as for the input batch, whatever the number of candidates
@@ -291,8 +293,9 @@ class ZMask(nn.Module):
             assert margin is not None  # lambda0 is set
             for offset, position in enumerate(part.tolist()):
                 slot = owners[position]
-                if float(margin[offset]) < best_margin[slot]:  # strict: ties keep the earlier candidate (Eq. 4's first)
-                    best_margin[slot], best_position[slot] = float(margin[offset]), position
+                current = (float(margin[offset]), areas[position])
+                if best[slot] is None or better_candidate(current, best[slot]):  # ties keep the earlier one (Eq. 4's first)
+                    best[slot], best_position[slot] = current, position
                     best_output[slot] = take_outputs(rerun, torch.tensor([offset], device=margin.device))
         positions = torch.tensor(best_position, dtype=torch.long, device=stacked.device)
         first = torch.tensor([0] + [len(c) for c in per_image[:-1]], device=stacked.device).cumsum(0)

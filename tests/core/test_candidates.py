@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zmask import ConfigError, FusionTraining, ZMask
-from zmask.core.candidates import box_keep_mask, peak_window, region_boxes, scale_box
+from zmask.core.candidates import better_candidate, box_keep_mask, candidate_keep_masks, peak_window, region_boxes, scale_box
 from zmask.core.masking import mask_iou
 
 from ..toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
@@ -60,13 +60,18 @@ def test_a_flagged_frame_is_reprocessed_with_the_candidate_that_looks_cleanest()
         # the output is the model on the image masked with the chosen keep-mask
         chosen = defense.apply_mask(images[index], analysis.keep_mask[index])
         assert torch.allclose(result.output[index], defense.model(chosen), atol=1e-6)
-        # and that re-pass looks no less clean than the one with Eq. 4's mask
-        plain = defense.detect(images, gate=True)
+        # and it is the candidate the rule prefers: the smallest mask whose re-pass clears the
+        # flag, else the lowest margin
+        keep = defense.detect(images, gate=True).keep_mask
         size = tuple(images.shape[-2:])
-        margin_chosen = defense.analyze(defense.capture(chosen)[1], size, gate=False).margin
-        eq4 = defense.apply_mask(images[index], plain.keep_mask[index])
-        margin_eq4 = defense.analyze(defense.capture(eq4)[1], size, gate=False).margin
-        assert (margin_chosen <= margin_eq4 + 1e-6).all()
+        for slot, image in enumerate(index.tolist()):
+            candidates = candidate_keep_masks(analysis, keep, image, defense.config.candidate_windows, defense.config.candidate_regions)
+            margins = defense.analyze(defense.capture(defense.apply_mask(images[image:image + 1].expand(len(candidates), -1, -1, -1),
+                                                                         candidates))[1], size, gate=False).margin.tolist()
+            areas = (1 - candidates).flatten(1).sum(1).tolist()
+            clearing = [k for k, m in enumerate(margins) if m <= 0]
+            expected = min(clearing, key=lambda k: (areas[k], k)) if clearing else min(range(len(margins)), key=lambda k: (margins[k], k))
+            assert int(analysis.candidate[image]) == expected
         if not bool(analysis.flagged[3]):
             assert torch.allclose(result.output[3:], defense.model(images[3:]), atol=1e-6)
 
@@ -117,3 +122,11 @@ def test_the_choice_does_not_depend_on_how_the_candidates_are_batched():
     joined = concat_outputs(outputs)
     assert joined["boxes"][:, 0].tolist() == [0.0, 1.0, 2.0] and joined["parts"][1] == [0, 1, 2]
     assert take_outputs(joined, torch.tensor([2, 0]))["parts"][1] == [2, 0]
+
+
+def test_the_smallest_mask_that_clears_the_flag_wins():
+    assert better_candidate((-0.5, 100.0), (-0.9, 400.0))  # both clear: the smaller mask
+    assert not better_candidate((-0.9, 400.0), (-0.5, 100.0))
+    assert better_candidate((-0.1, 900.0), (0.2, 10.0))  # clearing beats not clearing
+    assert better_candidate((0.3, 900.0), (0.5, 10.0))  # neither clears: the lower margin
+    assert not better_candidate((-0.5, 100.0), (-0.5, 100.0))  # a tie keeps the incumbent

@@ -3,9 +3,10 @@
 A patch that suppresses its own spatial Z-score heat leaves Z-Mask's soft mask empty while the
 channel-extreme evidence still fires; masking the whole extreme coverage spreads far beyond the
 patch. So a flagged frame gets a few candidate keep-masks, each is tried by re-running the
-network (:meth:`zmask.ZMask.forward`), and the one whose re-pass looks most like a clean frame
-(the lowest flag margin, :func:`zmask.core.analysis.flag_margin`) wins. The candidates, in order
-(ties go to the earlier one):
+network (:meth:`zmask.ZMask.forward`), and :func:`better_candidate` picks one: the smallest mask
+whose re-pass is no longer flagged (:func:`zmask.core.analysis.flag_margin` <= 0), or, when none
+clears the flag, the one whose re-pass comes closest. The candidates, in order (ties go to the
+earlier one):
 
 1. the Z-Mask keep-mask of Eq. 4 (the paper's choice);
 2. the bounding boxes of the largest connected regions of the channel-extreme coverage map;
@@ -25,6 +26,19 @@ import torch.nn.functional as F
 from .masking import MaskEvidence, dilate_mask
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right in input pixels (bottom/right exclusive)
+
+
+def better_candidate(candidate: tuple[float, float], incumbent: tuple[float, float]) -> bool:
+    """Whether a candidate (re-pass flag margin, masked area) beats the incumbent: a re-pass that
+    clears the flag (margin <= 0) beats one that does not; between two that clear it the smaller
+    mask wins (the least occlusion that removes the evidence: masking more of the scene would
+    always look clean, and costs the task); between two that do not, the lower margin. Equal is
+    not better, so the earlier candidate keeps a tie."""
+    (margin, area), (best_margin, best_area) = candidate, incumbent
+    clears, best_clears = margin <= 0.0, best_margin <= 0.0
+    if clears != best_clears:
+        return clears
+    return area < best_area if clears else margin < best_margin
 
 
 def region_boxes(coverage: torch.Tensor, max_regions: int) -> list[Box]:
