@@ -22,6 +22,7 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     from .presets import ModelPreset
+    from .profiles import ProfileRecord
 
 #: The 20 outputs of the Cityscapes weights: trainIds 0..18, then 19 = Cityscapes ignore pixels.
 EDGENETS_CITYSCAPES_CLASSES = (
@@ -221,7 +222,7 @@ CAMVID_EDGENETS_INPUT = (512, 1024)
 
 
 def cityscapes_on_camvid_preset(name: str, description: str, build: Callable[[bool], nn.Module], weights_asset: str,
-                                shallow: tuple[str, ...], deep: tuple[str, ...]) -> ModelPreset:
+                                shallow: tuple[str, ...], deep: tuple[str, ...], profile_record: ProfileRecord | None = None) -> ModelPreset:
     """A preset for a Cityscapes-trained EdgeNets segmenter evaluated on CamVid through the declared
     Cityscapes trainId -> CamVid label map (:data:`zmask.data.camvid.CITYSCAPES_TO_CAMVID`)."""
     from ..data.camvid import CAMVID_CLASSES, CAMVID_IGNORE_INDEX, CITYSCAPES_TO_CAMVID
@@ -236,4 +237,5 @@ def cityscapes_on_camvid_preset(name: str, description: str, build: Callable[[bo
         # Not tuned: as espnet_camvid (aligned pooling, the dataset's mean colour as fill, a dilated mask).
         config_overrides=(("pooling", "same"), ("fill_value", CAMVID_MEAN_RGB), ("mask_dilation", MASK_DILATION)),
         datasets=camvid_at(CAMVID_EDGENETS_INPUT), label_map=CITYSCAPES_TO_CAMVID, output_classes=EDGENETS_CITYSCAPES_CLASSES,
+        profile_record=profile_record,
     )
