@@ -114,18 +114,23 @@ def suppression_attack(context: AttackContext) -> dict[str, torch.Tensor]:
 @ADAPTIVE_OBJECTIVES.register("suppress_all")
 def suppress_all_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     """``suppress`` plus the channel extremes of a layered defense: its extreme score, and the
-    excess of every channel over its clean maximum inside the patch (in clean standard deviations)."""
+    excess of every channel over its clean maximum inside the patch (:func:`_extremes_inside_patch`)."""
     terms = suppression_attack(context)
-    extremes = context.defense.state.extremes
-    if extremes:
-        excess = []
-        for name, stats in extremes.items():
-            activation = context.activations[name].float()
-            inside = resize_nearest(context.patch_masks, (int(activation.shape[-2]), int(activation.shape[-1]))) > 0.5
-            over = ((activation - stats.upper.to(activation).view(1, -1, 1, 1)) / stats.std.to(activation).view(1, -1, 1, 1)).clamp(min=0)
-            excess.append((over * inside).sum((1, 2, 3)) / inside.flatten(1).sum(1).clamp(min=1))
-        terms["extremes_inside_patch"] = torch.stack(excess).sum(0).mean()
+    if context.defense.state.extremes:
+        terms["extremes_inside_patch"] = _extremes_inside_patch(context)
     return terms
+
+
+def _extremes_inside_patch(context: AttackContext) -> torch.Tensor:
+    """Mean over images of the summed excess, in clean standard deviations, of every channel over
+    its clean maximum, averaged over the patch's pixels (the layered defense's coverage evidence)."""
+    excess = []
+    for name, stats in (context.defense.state.extremes or {}).items():
+        activation = context.activations[name].float()
+        inside = resize_nearest(context.patch_masks, (int(activation.shape[-2]), int(activation.shape[-1]))) > 0.5
+        over = ((activation - stats.upper.to(activation).view(1, -1, 1, 1)) / stats.std.to(activation).view(1, -1, 1, 1)).clamp(min=0)
+        excess.append((over * inside).sum((1, 2, 3)) / inside.flatten(1).sum(1).clamp(min=1))
+    return torch.stack(excess).sum(0).mean()
 
 
 @ADAPTIVE_OBJECTIVES.register("flag_evasion")
@@ -149,5 +154,5 @@ def decoy_attack(context: AttackContext) -> dict[str, torch.Tensor]:
     peak_outside = (soft * (1.0 - inside)).flatten(1).amax(1)
     terms = {"decoy_soft_mask": (mean_inside - peak_outside).mean()}
     if context.defense.state.extremes:
-        terms["extremes_inside_patch"] = suppress_all_attack(context)["extremes_inside_patch"]
+        terms["extremes_inside_patch"] = _extremes_inside_patch(context)
     return terms
