@@ -54,12 +54,12 @@ def patched_batch(batch: int = 2, seed: int = 1, size: int = 32) -> tuple[torch.
     return images, masks
 
 
-def fitted_toy_defense() -> ZMask:
-    """Z-Mask on the toy network: statistics, fusion block and threshold fitted on the synthetic squares."""
-    defense = ZMask(seeded_toy(), TOY_CONFIG, seed=0)
+def fitted_toy_defense(config: ZMaskConfig = TOY_CONFIG, epochs: int = 30) -> ZMask:
+    """Z-Mask on the toy network: statistics, fusion block (``epochs``) and threshold fitted on the synthetic squares."""
+    defense = ZMask(seeded_toy(), config, seed=0)
     defense.fit_statistics(clean_batches(6))
     patched = [patched_batch(4, seed=s) for s in range(6)]
     clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
-    defense.fit_fusion(patched + clean, FusionTraining(epochs=30, batch_size=8, learning_rate=0.05))
+    defense.fit_fusion(patched + clean, FusionTraining(epochs=epochs, batch_size=8, learning_rate=0.05))
     defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
     return defense

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zmask import ConfigError, FusionTraining, ZMask
+from zmask import ConfigError, ZMask
 from zmask.core.candidates import better_candidate, box_keep_mask, candidate_keep_masks, peak_window, region_boxes, scale_box
 from zmask.core.masking import mask_iou
 
-from ..toy import TOY_CONFIG, clean_batches, patched_batch, seeded_toy
+from ..toy import TOY_CONFIG, clean_batches, fitted_toy_defense, patched_batch, seeded_toy
 
 
 def test_regions_come_largest_first_with_their_boxes():
@@ -38,13 +38,7 @@ def test_the_peak_window_covers_the_hot_spot_and_stays_inside():
 def _layered_toy(mask_threshold: float = 0.5) -> ZMask:
     config = TOY_CONFIG.replace(extreme_layers=("c2", "c3"), mask_candidates=True, candidate_windows=((32, 32),),
                                 mask_threshold=mask_threshold)
-    defense = ZMask(seeded_toy(), config, seed=0)
-    defense.fit_statistics(clean_batches(6))
-    patched = [patched_batch(4, seed=s) for s in range(6)]
-    clean = [(images, torch.zeros(images.shape[0], 1, *images.shape[2:])) for images in clean_batches(6, 4, seed=9)]
-    defense.fit_fusion(patched + clean, FusionTraining(epochs=10, batch_size=8, learning_rate=0.05))
-    defense.calibrate([patched_batch(4, seed=100 + s) for s in range(3)] + [(c, torch.zeros(4, 1, 96, 128)) for c in clean_batches(3, 4, seed=50)])
-    return defense
+    return fitted_toy_defense(config, epochs=10)
 
 
 def test_a_flagged_frame_is_reprocessed_with_the_candidate_that_looks_cleanest():
