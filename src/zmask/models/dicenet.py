@@ -154,20 +154,13 @@ _LAYERS = ("net.base_net.level3.0.left_layer.0", "net.base_net.level3.0.left_lay
 
 
 def _profile_record():
-    from .profiles import ProfileRecord
+    from .edgenets import cityscapes_on_camvid_profile
 
-    return ProfileRecord(
-        "dicenet_camvid.safetensors",
-        "8662bd66945eec7f1e4a70d7dc078d0cdfd124152aa8378e2d3c0635a73e4812",
-        "CamVid train (SegNet split, stretched to 512x1024): clean statistics on 120 images, the fusion block on 120 others and "
-        "lambda0 on 80 more with the committed L patch (src/zmask/patches/dicenet_camvid_L.png, 40 steps); layers chosen on "
-        "those images (--layers auto); heatmap grid 128x256, the finest within 1.25x the forward (--max-overhead 0.25); "
-        "soft-mask threshold calibrated; seed 0",
+    return cityscapes_on_camvid_profile(
+        "dicenet_camvid", "8662bd66945eec7f1e4a70d7dc078d0cdfd124152aa8378e2d3c0635a73e4812",
         {"lambda0": 0.4124, "calibration_auc": 1.000, "calibration_mask_iou": 0.890, "val_miou_clean": 0.527, "val_miou_L_patch": 0.350,
          "val_miou_L_patch_zmask": 0.493, "val_recovery_L_patch": 0.808, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.000,
          "val_random_noise_flag_rate": 1.000, "val_mask_iou_L_patch": 0.898},
-        "zmask fit --config experiments/dicenet_camvid_fit.yaml",
-        "docs/results/dicenet_camvid/summary.md (zmask evaluate --config experiments/dicenet_camvid.yaml); CamVid val (101 images)",
     )
 
 

@@ -221,6 +221,23 @@ CAMVID_MEAN_RGB = (105.03319368755685 / 255, 108.40886315470783 / 255, 110.33102
 CAMVID_EDGENETS_INPUT = (512, 1024)
 
 
+def cityscapes_on_camvid_profile(name: str, sha256: str, metrics: dict[str, float]) -> ProfileRecord:
+    """The record of a Cityscapes-on-CamVid preset's shipped profile: both were fitted the same way
+    (``experiments/<name>_fit.yaml``) and evaluated by ``experiments/<name>.yaml``."""
+    from .profiles import ProfileRecord
+
+    return ProfileRecord(
+        f"{name}.safetensors", sha256,
+        "CamVid train (SegNet split, stretched to 512x1024): clean statistics on 120 images, the fusion block on 120 others and "
+        f"lambda0 on 80 more with the committed L patch (src/zmask/patches/{name}_L.png, 40 steps); layers chosen on "
+        "those images (--layers auto); heatmap grid 128x256, the finest within 1.25x the forward (--max-overhead 0.25); "
+        "soft-mask threshold calibrated; seed 0",
+        metrics,
+        f"zmask fit --config experiments/{name}_fit.yaml",
+        f"docs/results/{name}/summary.md (zmask evaluate --config experiments/{name}.yaml); CamVid val (101 images)",
+    )
+
+
 def cityscapes_on_camvid_preset(name: str, description: str, build: Callable[[bool], nn.Module], weights_asset: str,
                                 shallow: tuple[str, ...], deep: tuple[str, ...], profile_record: ProfileRecord | None = None) -> ModelPreset:
     """A preset for a Cityscapes-trained EdgeNets segmenter evaluated on CamVid through the declared

@@ -154,20 +154,13 @@ _LAYERS = ("net.base_net.level2_0.eesp.br_after_cat", "net.base_net.level2_0.ees
 
 
 def _profile_record():
-    from .profiles import ProfileRecord
+    from .edgenets import cityscapes_on_camvid_profile
 
-    return ProfileRecord(
-        "espnetv2_camvid.safetensors",
-        "0d5c747244e68abddccbed9cbf7a9be83107a33804094cd4e4a655bf02cb764e",
-        "CamVid train (SegNet split, stretched to 512x1024): clean statistics on 120 images, the fusion block on 120 others and "
-        "lambda0 on 80 more with the committed L patch (src/zmask/patches/espnetv2_camvid_L.png, 40 steps); layers chosen on "
-        "those images (--layers auto); heatmap grid 128x256, the finest within 1.25x the forward (--max-overhead 0.25); "
-        "soft-mask threshold calibrated; seed 0",
+    return cityscapes_on_camvid_profile(
+        "espnetv2_camvid", "0d5c747244e68abddccbed9cbf7a9be83107a33804094cd4e4a655bf02cb764e",
         {"lambda0": 0.4608, "calibration_auc": 1.000, "calibration_mask_iou": 0.891, "val_miou_clean": 0.636, "val_miou_L_patch": 0.453,
          "val_miou_L_patch_zmask": 0.584, "val_recovery_L_patch": 0.716, "val_tpr_L_patch": 1.000, "val_clean_flag_rate": 0.000,
          "val_random_noise_flag_rate": 1.000, "val_mask_iou_L_patch": 0.899},
-        "zmask fit --config experiments/espnetv2_camvid_fit.yaml",
-        "docs/results/espnetv2_camvid/summary.md (zmask evaluate --config experiments/espnetv2_camvid.yaml); CamVid val (101 images)",
     )
 
 
