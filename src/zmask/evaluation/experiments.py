@@ -152,7 +152,7 @@ def run_experiments(
         results["alpha_sweep"] = {s: {d: _with_intervals(m, key, boot) for d, m in row.items()} for s, row in sweep.items()}
         control = next((name for name in table if name.startswith("random")), None)
         if control is not None and ZMaskDefense.name in table[control]:
-            results["adaptive"] = _against_control(sweep, table[control][ZMaskDefense.name], control, key, boot)
+            results["adaptive"] = _against_control(results["alpha_sweep"], sweep, table[control][ZMaskDefense.name], control, key, boot)
         if primary:
             for attack in sorted({a for a, _ in spec.alpha_patches}):
                 alphas = sorted(alpha for a, alpha in spec.alpha_patches if a == attack)
@@ -184,18 +184,18 @@ def _with_intervals(metrics: DefenseMetrics, key: str, boot: Bootstrap) -> dict[
     return summary
 
 
-def _against_control(sweep: dict[str, dict[str, DefenseMetrics]], control: DefenseMetrics, control_name: str, key: str,
-                     boot: Bootstrap) -> dict[str, Any]:
-    """Per defense-aware attack, Z-Mask's flag rate, patch-mask IoU and defended metric next to the
-    random-noise control's defended metric, and the gap (attack - control) with its interval: what
-    the attack takes that a harmless patch of the same size would not. The strongest attack is
-    the one with the lowest gap."""
+def _against_control(summaries: dict[str, dict[str, Any]], sweep: dict[str, dict[str, DefenseMetrics]], control: DefenseMetrics,
+                     control_name: str, key: str, boot: Bootstrap) -> dict[str, Any]:
+    """Per defense-aware attack, Z-Mask's flag rate, patch-mask IoU and defended metric (from the
+    sweep's ``summaries``) next to the random-noise control's defended metric, and the gap (attack -
+    control) with its interval: what the attack takes that a harmless patch of the same size would
+    not. The strongest attack is the one with the lowest gap."""
     rows: dict[str, Any] = {}
     for setting, row in sweep.items():
         defended = row.get(ZMaskDefense.name)
         if defended is None or key not in defended.task or key not in control.task:
             continue
-        summary = _with_intervals(defended, key, boot)
+        summary = summaries[setting][ZMaskDefense.name]
         rows[setting] = {
             "flag_rate": summary.get("flag_rate"), "flag_rate_ci": summary.get("flag_rate_ci"),
             "mask_iou": summary.get("mask_iou"), "mask_iou_ci": summary.get("mask_iou_ci"),
