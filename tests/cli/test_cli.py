@@ -100,6 +100,22 @@ def test_bench_quick(capsys, assets):
     assert row["speedup_over_literal"] > 0 and row["images_per_second_batch1"] > 0 and row["images_per_second_batch8"] > 0
 
 
+def test_bench_times_a_whole_profile(capsys, assets):
+    from zmask.models import get_preset
+
+    profile = str(get_preset("espnet_camvid").profile())
+    code, out, _ = run(capsys, "bench", "--profile", profile, "--repeats", "1", "--batch-sizes", "1", "--no-literal", "--json", "--threads", "1")
+    figures = json.loads(out)
+    row = figures["per_threads"]["1"]
+    assert code == 0 and figures["profile"] == profile and figures["heatmap"] == [90, 120]
+    assert row["defended_flagged_ms"] > row["defended_clean_ms"] > row["forward_ms"] > 0  # the second pass, the analysis
+
+
+def test_bench_refuses_quick_with_a_profile(capsys, assets):
+    code, _, err = run(capsys, "bench", "--quick", "--profile", "any.safetensors", "--repeats", "1")
+    assert code != 0 and "--quick" in err and "--profile" in err and "Traceback" not in err
+
+
 def test_demo_quick(capsys, workspace):
     code, out, _ = run(capsys, "demo", "--quick", "--out", str(workspace / "demo"), "--no-progress", "--json")
     summary = json.loads(out)

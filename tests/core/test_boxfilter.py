@@ -17,7 +17,7 @@ from zmask.config import (
 )
 from zmask.core.boxfilter import Workspace, box_filter, box_mean_from_table, box_mean_separable, separable_layout, summed_area_table
 from zmask.core.geometry import axis_windows, legacy_nearest_indices, separable_axis, window_weights
-from zmask.core.refinement import avg_pool_direct, layer_heatmap_direct, LayerRefiner
+from zmask.core.refinement import avg_pool_direct, build_plan, layer_cost, layer_heatmap_direct, LayerRefiner
 from zmask.core.statistics import LayerStatistics
 
 SEGMENTATION = [(k, PAPER_SEGMENTATION_HEATMAP) for k in dict.fromkeys(PAPER_SEGMENTATION_SHALLOW_KERNELS + PAPER_SEGMENTATION_DEEP_KERNELS)]
@@ -152,3 +152,16 @@ def test_integer_resample_path_is_bitwise_the_interpolate_path(native):
         assert torch.equal(fast[name], slow[name])
         expected = refinement.layer_heatmap_direct(activation.double(), stats, kernels[name], config)
         assert relative_error(fast[name], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("native, grid", [((90, 120), (90, 120)), ((45, 60), (90, 120)), ((180, 240), (45, 60))])
+def test_auto_switches_evaluator_at_the_cost_models_break_even(native, grid):
+    kernels = ((19, 26), (5, 6))
+    config = ZMaskConfig(shallow_layers=("a",), deep_layers=("a",), shallow_kernels=kernels, deep_kernels=kernels[:1],
+                         heatmap_size=grid, pooling="same", spr_variant="reference")
+    cost = layer_cost(native, config, kernels)
+    break_even = cost.break_even()
+    assert 0 < break_even < float("inf")
+    assert cost.method(break_even * 1.01) == "separable" and cost.method(break_even * 0.99) == "table"
+    expected = cost.method()
+    assert build_plan(native, config, kernels, torch.device("cpu")).method == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ..core.boxfilter import box_filter
 from ..core.fusion import fuse_and_score
 from ..core.refinement import layer_heatmap_direct
 from ..defense import ZMask
+from ..errors import ConfigError
 from ..evaluation.cost import interleaved_medians
 from ..models import get_preset
 
@@ -36,6 +38,13 @@ def _literal_analysis(defense: ZMask, images: torch.Tensor) -> torch.Tensor:
     return fuse_and_score(defense.state.fusion, shallow, deep, config.score)[1]
 
 
+def never_flag(state: Any) -> None:
+    """Thresholds no score passes: every frame takes the clean path (the analysis alone)."""
+    state.threshold = float("inf")
+    if state.extreme_threshold is not None:
+        state.extreme_threshold = float("inf")
+
+
 def _shipped_config(preset: Any) -> Any:
     """The configuration of the preset's shipped profile (its grid and layers are what users run),
     or the preset's own when it has none."""
@@ -47,32 +56,48 @@ def _shipped_config(preset: Any) -> Any:
 
 
 def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: bool = False, progress: bool = False,
-                   threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 8), literal: bool = True) -> dict[str, Any]:
+                   threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 8), literal: bool = True,
+                   profile: str | Path | None = None) -> dict[str, Any]:
     """Per-frame costs of the defended model at each thread count: forward, defended clean frame
     (analysis, no second pass), flagged frame (analysis + masked second pass), the literal reference
-    analysis, and images per second of defended clean frames for each batch size."""
+    analysis, and images per second of defended clean frames for each batch size.
+
+    ``profile``: a fitted profile of the preset's model, loaded whole (its layers, grid, fusion
+    block, and whatever it enables, e.g. mask candidates on flagged frames). Without one the
+    configuration of the preset's shipped profile runs with statistics of the timed frame.
+    """
     preset = get_preset(preset_name)
-    config = _shipped_config(preset)
     input_size = preset.input_size
-    if quick:
-        config = config.replace(heatmap_size=(32, 48), shallow_kernels=((8, 12), (4, 6)), deep_kernels=((8, 12),), mask_dilation=min(config.mask_dilation, 2))
-        input_size = (64, 96)
     try:
         model = preset.build(True)
         weights = "pretrained"
     except Exception:  # noqa: BLE001 - timing does not need trained weights
         model = preset.build(False)
         weights = "random (assets not found)"
+    if profile is not None:
+        if quick:
+            raise ConfigError("--quick shrinks the configuration; it cannot be combined with --profile")
+        defense = ZMask.load(profile, model, allow_other_weights=weights != "pretrained")
+        config = defense.config
+        input_size = defense.state.input_size or input_size
+    else:
+        config = _shipped_config(preset)
+        if quick:
+            config = config.replace(heatmap_size=(32, 48), shallow_kernels=((8, 12), (4, 6)), deep_kernels=((8, 12),),
+                                    mask_dilation=min(config.mask_dilation, 2))
+            input_size = (64, 96)
+        defense = ZMask(model, config, seed=0)
     generator = torch.Generator().manual_seed(1)
     frames = torch.rand(max(batch_sizes), 3, *input_size, generator=generator)
     image = frames[:1]
-    defense = ZMask(model, config, seed=0)
+    state = defense.state
     previous_threads = torch.get_num_threads()
     figures: dict[str, Any] = {"model": preset_name, "weights": weights, "input": list(input_size), "heatmap": list(config.heatmap_size),
-                               "repeats": repeats, "per_threads": {}}
+                               "profile": str(profile) if profile is not None else None, "repeats": repeats, "per_threads": {}}
     try:
         with torch.no_grad():
-            defense.fit_statistics([image])
+            if profile is None:
+                defense.fit_statistics([image])
             height, width = config.heatmap_size
             grid = torch.randn(1, 64, height, width, generator=torch.Generator().manual_seed(0))
             for count in threads:
@@ -82,11 +107,11 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                      lambda: [torch.nn.functional.avg_pool2d(grid, k, stride=1) for k in config.shallow_kernels]], max(1, repeats // 3))
 
                 def clean() -> Any:
-                    defense.state.threshold = float("inf")  # never flagged: analysis only
+                    never_flag(state)  # analysis only
                     return defense(image)
 
                 def flagged() -> Any:
-                    defense.state.threshold = -float("inf")  # always flagged: analysis + masked second pass
+                    state.threshold = -float("inf")  # always flagged: analysis + masked second pass(es)
                     return defense(image)
 
                 forward_time, clean_time, flagged_time = interleaved_medians([lambda: model(image), clean, flagged], repeats)
@@ -101,7 +126,7 @@ def run_benchmarks(preset_name: str = "espnet_camvid", repeats: int = 9, quick: 
                     literal_time = time.perf_counter() - start
                     row.update(literal_clean_ms=(literal_time + forward_time) * 1e3, literal_over_forward=(literal_time + forward_time) / forward_time,
                                speedup_over_literal=(literal_time + forward_time) / clean_time)
-                defense.state.threshold = float("inf")
+                never_flag(state)
                 for batch in batch_sizes:
                     (batch_time,) = interleaved_medians([lambda: defense(frames[:batch])], max(1, repeats // 3))
                     row[f"images_per_second_batch{batch}"] = batch / batch_time
@@ -121,7 +146,8 @@ def format_benchmarks(figures: dict[str, Any]) -> str:
         ("images/s, batch 1 (defended clean)", "images_per_second_batch1"), ("images/s, batch 8 (defended clean)", "images_per_second_batch8"),
         ("box filter vs avg_pool2d, 64 channels", "box_filter_speedup_64ch"),
     ]
-    lines = [f"zmask bench: {figures['model']} ({figures['weights']} weights), input {figures['input'][0]}x{figures['input'][1]}, "
+    source = f", profile {figures['profile']}" if figures.get("profile") else ""
+    lines = [f"zmask bench: {figures['model']} ({figures['weights']} weights{source}), input {figures['input'][0]}x{figures['input'][1]}, "
              f"heatmap {figures['heatmap'][0]}x{figures['heatmap'][1]}, medians of {figures['repeats']} interleaved runs",
              f"{'':40s}" + "".join(f"{c + ' thread' + ('s' if c != '1' else ''):>14s}" for c in columns)]
     for label, key in rows:

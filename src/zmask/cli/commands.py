@@ -636,7 +636,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     threads = [args.threads] if args.threads else [1, 2]
     figures = run_benchmarks(args.model, repeats=args.repeats, quick=args.quick, threads=threads, batch_sizes=args.batch_sizes,
-                             literal=not args.no_literal)
+                             literal=not args.no_literal, profile=args.profile)
     _print(args, format_benchmarks(figures), figures)
     return 0
 
@@ -672,6 +672,7 @@ def run_table(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
     rows: list[ModelRow] = []
+    profiles: list[str | Path] = []
     for entry in args.report:
         name, _, folder = entry.partition("=")
         preset = get_preset(name)
@@ -680,11 +681,12 @@ def run_table(args: argparse.Namespace) -> int:
         # the report's own profile where it still is, else the preset's shipped one (a report made from a copy)
         profile = recorded if recorded and Path(recorded).is_file() else preset.profile()
         rows.append(row_from_report(name, report["results"], load_profile(profile).config))
+        profiles.append(profile)
     threads = [str(count) for count in args.bench_threads]
     if not args.no_bench:
-        for row in rows:
+        for row, profile in zip(rows, profiles):
             figures = run_benchmarks(row.preset, repeats=args.repeats, threads=args.bench_threads, batch_sizes=(1,), literal=False,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, profile=profile)
             row.costs = {count: figures["per_threads"][count] for count in threads}
     notes = [f"Regenerate: `zmask table --config {args.config}`" if args.config else "", "Reports: " + ", ".join(
         f"[{entry.split('=', 1)[0]}]({Path(entry.split('=', 1)[1]).name}/summary.md)" for entry in args.report)]

@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int(MAX_REPEATS), default=9, help="interleaved timed runs per figure (median; default 9)")
     bench.add_argument("--batch-sizes", type=positive_int(MAX_BATCH), nargs="+", default=[1, 8], help="batch sizes for images/s (default 1 8)")
     bench.add_argument("--no-literal", action="store_true", help="skip the (slow) literal reference implementation")
+    bench.add_argument("--profile", help="a fitted profile of the model to time, loaded whole (default: the preset's shipped "
+                       "profile's layers and grid with statistics of the timed frame)")
     bench.add_argument("--quick", action="store_true", help="small sizes (for tests)")
 
     table = command("table", "the paper's Table 1 across models: one row per preset from its evaluation report, with the "

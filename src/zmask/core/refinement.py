@@ -29,11 +29,12 @@ from .boxfilter import Workspace, box_mean_separable, box_sum_from_table, separa
 from .geometry import AxisWindows, SeparableAxis, axis_windows, legacy_nearest_indices, separable_axis
 from .statistics import LayerStatistics, flush_subnormals, zscore, zscore_grid
 
-# How many multiply-adds of a matrix product cost as much as one elementwise operation, for the
-# "auto" choice between the evaluators. Measured per layer with both evaluators (1 thread): the
-# choice is right for every ESPNet, YOLOv5n and ResNet-50 layer of the presets for values between
-# 44 and 57 (benchmarks/bench_refinement.py prints which one each layer gets).
-_MATMUL_ADVANTAGE = 50.0
+# How many multiply-adds of a matrix product cost as much as one elementwise operation of the
+# table evaluator, for the "auto" choice between the evaluators. benchmarks/bench_box_method.py
+# times both evaluators on every layer of the shipped presets and prints the range of values for
+# which "auto" picks the faster one; at 1 thread (torch 2.14, this project's 2-core machine) that
+# range was 13.6 to 14.9 over 17 layers, and 14.2 is its middle.
+MATMUL_ADVANTAGE = 14.2
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,10 @@ def integer_resample(index: torch.Tensor, native: int) -> tuple[str, int] | None
 
 def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Sequence[Kernel], device: torch.device) -> LayerPlan:
     """Plan the refinement of a layer of spatial size ``native_size`` for ``kernels``."""
-    height, width = config.heatmap_size
-    row_index = legacy_nearest_indices(native_size[0], height)
-    col_index = legacy_nearest_indices(native_size[1], width)
-    windows = {k: (axis_windows(height, k[0], config.pooling), axis_windows(width, k[1], config.pooling)) for k in kernels}
-    separable = {
-        k: (separable_axis(rows, row_index, native_size[0]), separable_axis(cols, col_index, native_size[1]))
-        for k, (rows, cols) in windows.items()
-    }
+    row_index, col_index, windows, separable = _geometry(native_size, config, kernels)
     method = config.box_method
     if method == "auto":
-        method = _cheaper_method(native_size, (height, width), windows, separable)
+        method = evaluator_cost(native_size, config.heatmap_size, windows, separable).method()
     if method == "separable" and config.planes != 1:
         method = "table"  # per-plane statistics change inside one native pixel's footprint
     plans = {}
@@ -117,15 +111,57 @@ def build_plan(native_size: tuple[int, int], config: ZMaskConfig, kernels: Seque
     return LayerPlan(native_size, method, plans, resample)
 
 
-def _cheaper_method(native, grid, windows, separable) -> Literal["separable", "table"]:
+@dataclass(frozen=True)
+class EvaluatorCost:
+    """The "auto" cost model of one layer, per channel: the table evaluator's elementwise operations,
+    and the separable evaluator's matrix-product multiply-adds plus its elementwise operations."""
+
+    table: float
+    separable_products: float
+    separable_elementwise: float
+
+    def separable_cost(self, matmul_advantage: float = MATMUL_ADVANTAGE) -> float:
+        return self.separable_products / matmul_advantage + self.separable_elementwise
+
+    def method(self, matmul_advantage: float = MATMUL_ADVANTAGE) -> Literal["separable", "table"]:
+        return "separable" if self.separable_cost(matmul_advantage) < self.table else "table"
+
+    def break_even(self) -> float:
+        """The advantage above which "auto" picks the separable evaluator (inf: never)."""
+        margin = self.table - self.separable_elementwise
+        return self.separable_products / margin if margin > 0 else float("inf")
+
+
+def _geometry(native_size: tuple[int, int], config: ZMaskConfig, kernels: Sequence[Kernel]):
+    """Nearest-resize indices per axis, grid windows and separable weights of every kernel."""
+    height, width = config.heatmap_size
+    row_index = legacy_nearest_indices(native_size[0], height)
+    col_index = legacy_nearest_indices(native_size[1], width)
+    windows = {k: (axis_windows(height, k[0], config.pooling), axis_windows(width, k[1], config.pooling)) for k in kernels}
+    separable = {
+        k: (separable_axis(rows, row_index, native_size[0]), separable_axis(cols, col_index, native_size[1]))
+        for k, (rows, cols) in windows.items()
+    }
+    return row_index, col_index, windows, separable
+
+
+def layer_cost(native_size: tuple[int, int], config: ZMaskConfig, kernels: Sequence[Kernel]) -> EvaluatorCost:
+    """The cost model behind ``box_method="auto"`` for one layer (what the benchmark checks)."""
+    _, _, windows, separable = _geometry(native_size, config, kernels)
+    return evaluator_cost(native_size, config.heatmap_size, windows, separable)
+
+
+def evaluator_cost(native, grid, windows, separable) -> EvaluatorCost:
+    """Per-channel operation counts of both evaluators for a native-size map and its grid windows."""
     h, w = native
-    table_cost = grid[0] * grid[1] * 6.0
-    separable_cost = 0.0
+    table = grid[0] * grid[1] * 6.0
+    products = elementwise = 0.0
     for kernel, (rows, cols) in windows.items():
-        table_cost += rows.count * (grid[1] + 1) * 2 + rows.count * cols.count * 3
+        table += rows.count * (grid[1] + 1) * 2 + rows.count * cols.count * 3
         nr, nc = (axis.weights.shape[0] for axis in separable[kernel])
-        separable_cost += min(nr * h * w + nr * w * nc, h * w * nc + nr * h * nc) / _MATMUL_ADVANTAGE + nr * nc
-    return "separable" if separable_cost < table_cost else "table"
+        products += min(nr * h * w + nr * w * nc, h * w * nc + nr * h * nc)
+        elementwise += nr * nc
+    return EvaluatorCost(table, products, elementwise)
 
 
 class LayerRefiner:
