@@ -157,6 +157,19 @@ def test_statistics_for_another_model_are_rejected(fitted):
         defense(torch.rand(1, 3, 96, 128))
 
 
+def test_the_reused_capture_follows_a_changed_layer_set(fitted):
+    import copy
+
+    defense = copy.deepcopy(fitted)
+    images = clean_batches(1, 2, seed=3)[0]
+    with torch.no_grad():
+        assert set(defense.capture(images)[1]) == {"c1", "c2", "c3"}
+        defense.config = defense.config.replace(shallow_layers=("c1",), deep_layers=("c3",))
+        first = defense.capture(images)[1]
+        assert set(first) == {"c1", "c3"}
+        assert torch.equal(defense.capture(images)[1]["c1"], first["c1"])  # the same hooks, re-entered
+
+
 def test_merge_outputs_structures():
     index = torch.tensor([1])
     assert merge_outputs(torch.zeros(3, 2), torch.ones(1, 2), index)[1].tolist() == [1.0, 1.0]

@@ -25,7 +25,7 @@ from .core.refinement import LayerRefiner
 from .core.state import FittedState
 from .core.statistics import LayerStatistics, StatisticsAccumulator, resize_nearest
 from .errors import ConfigError, InputError, NotFittedError, ProfileError, ZMaskTypeError
-from .validation import batch_images, batch_images_and_masks, check_images, check_masks, model_dtype
+from .validation import batch_images, batch_images_and_masks, batch_occluded, check_images, check_masks, model_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class ZMask(nn.Module):
         self.state = state if state is not None else FittedState(fusion=FusionBlock(torch.Generator().manual_seed(seed)))
         self._refiner = LayerRefiner(config)
         self._clone_activations = False  # set once a forward pass is seen to change a read layer in place
+        self._capture: tuple[tuple, ActivationCapture] | None = None
 
     # ------------------------------------------------------------------ fitting
     def fit_statistics(self, data: Iterable[Any], max_images: int | None = None, progress: bool = False) -> ZMask:
@@ -134,7 +135,7 @@ class ZMask(nn.Module):
         """
         shallow, deep, targets = [], [], []
         with torch.no_grad():
-            for analysis, masks in self._labelled_analyses(data, "heatmaps", progress):
+            for analysis, masks, _ in self._labelled_analyses(data, "heatmaps", progress):
                 shallow.append(analysis.heatmaps.shallow)
                 deep.append(analysis.heatmaps.deep)
                 targets.append((resize_nearest(masks, self.config.heatmap_size) > 0.5).float())
@@ -143,12 +144,14 @@ class ZMask(nn.Module):
         return torch.cat(shallow), torch.cat(deep), torch.cat(targets)
 
     def _labelled_analyses(self, data: Iterable[Any], description: str, progress: bool):
-        """(ungated analysis, validated binary patch masks) for each (images, patch_masks) batch of ``data``."""
+        """(ungated analysis, validated binary patch masks, occluded flags or None) for each
+        (images, patch_masks[, occluded]) batch of ``data``."""
         for batch in tqdm(data, desc=description, disable=not progress):
             images, masks = batch_images_and_masks(batch)
             images = check_images(images, self.config.in_channels, dtype=model_dtype(self.model))
             masks = check_masks(masks.to(images.device), images)
-            yield self.analyze(self.capture(images)[1], (int(images.shape[-2]), int(images.shape[-1])), gate=False), masks
+            occluded = batch_occluded(batch, masks)
+            yield self.analyze(self.capture(images)[1], (int(images.shape[-2]), int(images.shape[-1])), gate=False), masks, occluded
 
     def fit_fusion(self, data: Iterable[Any], settings: FusionTraining = FusionTraining(), progress: bool = False) -> list[float]:
         """Train the fusion block on (images, patch_masks) batches; returns the loss per epoch."""
@@ -160,15 +163,21 @@ class ZMask(nn.Module):
                   calibrate_mask: bool = False) -> Calibration:
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty.
 
+        Batches may carry a third item (or a dict's 'occluded'): which clean images carry a
+        harmless occluder. ``target_fpr`` then bounds the false-alarm rate of plain and of occluded
+        clean images each (:func:`~zmask.core.calibration.calibrate_threshold`'s negative kinds).
         The same pass measures the patch-mask IoU on the patched images (``state.calibration_mask_iou``;
         a warning when it is near zero) and, with ``calibrate_mask``, first sets the soft-mask
         threshold of Eq. 4 to the one with the best IoU there (:func:`choose_mask_threshold`)."""
-        scores, labels, hyper, soft, truth = [], [], [], [], []
+        scores, labels, occluders, hyper, soft, truth = [], [], [], [], [], []
+        marked = False
         with torch.no_grad():
-            for analysis, masks in self._labelled_analyses(data, "calibration", progress):
+            for analysis, masks, occluded in self._labelled_analyses(data, "calibration", progress):
                 patched = masks.flatten(1).amax(1) > 0
                 scores.append(analysis.score.cpu())
                 labels.append(patched.cpu())
+                marked |= occluded is not None
+                occluders.append((occluded if occluded is not None else torch.zeros_like(patched)).cpu())
                 if analysis.extreme_score is not None:
                     hyper.append(analysis.extreme_score.cpu())
                 if patched.any():
@@ -181,12 +190,13 @@ class ZMask(nn.Module):
             raise InputError("calibration needs both clean images (empty masks) and patched images")
         state = self.state
         clean, patched = scores_all[~labels_all], scores_all[labels_all]
+        kinds = torch.cat(occluders)[~labels_all].long() if marked else None
         if hyper:
             # Two kinds of evidence raise one flag: their thresholds are chosen together, so that
             # target_fpr (or Youden's J) is the false-alarm rate of the combination.
             hyper_all = torch.cat(hyper)
             state.calibration, alone, state.extreme_calibration = calibrate_union(
-                clean, patched, hyper_all[~labels_all], hyper_all[labels_all], target_fpr, self.config.extreme_fpr)
+                clean, patched, hyper_all[~labels_all], hyper_all[labels_all], target_fpr, self.config.extreme_fpr, kinds)
             state.threshold, state.extreme_threshold = state.calibration.threshold, state.extreme_calibration.threshold
             logger.info("calibrated lambda0 %.4f (alone: TPR %.3f, FPR %.3f) and the extreme-score threshold %.4f (alone: TPR %.3f, "
                         "FPR %.3f) together: TPR %.3f, FPR %.3f", state.threshold, alone.true_positive_rate, alone.false_positive_rate,
@@ -194,10 +204,11 @@ class ZMask(nn.Module):
                         state.extreme_calibration.false_positive_rate, state.calibration.true_positive_rate,
                         state.calibration.false_positive_rate)
         else:
-            state.calibration = calibrate_threshold(clean, patched, target_fpr)
+            state.calibration = calibrate_threshold(clean, patched, target_fpr, kinds)
             state.threshold = state.calibration.threshold
-        logger.info("calibrated lambda0 = %.4f on %d clean and %d patched images (AUC %.3f)", state.threshold,
-                    int((~labels_all).sum()), int(labels_all.sum()), state.calibration.auc)
+        logger.info("calibrated lambda0 = %.4f on %d clean images (%d with a harmless occluder) and %d patched images (AUC %.3f)",
+                    state.threshold, int((~labels_all).sum()), int(kinds.sum()) if kinds is not None else 0, int(labels_all.sum()),
+                    state.calibration.auc)
         self._calibrate_mask(torch.cat(soft), torch.cat(truth), calibrate_mask)
         return state.calibration
 
@@ -223,7 +234,10 @@ class ZMask(nn.Module):
         """
         if self._clone_activations or torch.is_grad_enabled():
             return run_and_capture(self.model, images, self.config.layers, self.on_repeat)
-        with ActivationCapture(self.model, self.config.layers, self.on_repeat, clone=False) as capture:
+        key = (tuple(self.config.layers), self.on_repeat)
+        if self._capture is None or self._capture[0] != key:  # resolving the layers walks every module: once, not per frame
+            self._capture = (key, ActivationCapture(self.model, self.config.layers, self.on_repeat, clone=False))
+        with self._capture[1] as capture:
             output = self.model(images)
         modified = capture.modified()
         if modified:

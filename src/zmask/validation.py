@@ -149,6 +149,23 @@ def batch_images(batch: Any) -> torch.Tensor:
     raise ZMaskTypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
+def batch_occluded(batch: Any, masks: torch.Tensor) -> torch.Tensor | None:
+    """Which images of a calibration batch are clean images carrying a harmless occluder (B bool),
+    or None when the batch does not say: the third item of an (images, patch_masks, occluded)
+    tuple, or a dict's 'occluded'. An occluded image is a negative: its patch mask must be empty."""
+    occluded = batch.get("occluded") if isinstance(batch, Mapping) else (batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None)
+    if occluded is None:
+        return None
+    if not isinstance(occluded, torch.Tensor) or occluded.shape != masks.shape[:1]:
+        raise InputError(f"'occluded' must be a tensor of {masks.shape[0]} booleans (one per image), got "
+                         f"{tuple(occluded.shape) if isinstance(occluded, torch.Tensor) else type(occluded).__name__}")
+    occluded = occluded.to(masks.device).bool()
+    if (occluded & (masks.flatten(1).amax(1) > 0)).any():
+        raise InputError("an image marked 'occluded' (a clean image with a harmless occluder) has a non-empty patch mask: "
+                         "mark only negatives")
+    return occluded
+
+
 def batch_images_and_masks(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, patch masks) of a batch: a pair/tuple or a dict with 'image' and 'patch_mask'."""
     if isinstance(batch, Mapping):

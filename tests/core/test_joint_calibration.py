@@ -88,3 +88,46 @@ def test_when_both_scores_separate_both_stay_active():
     assert (joint.true_positive_rate, joint.false_positive_rate) == (1.0, 0.0)
     assert first.true_positive_rate == 1.0 and second.true_positive_rate == 1.0
     assert 0.3 < first.threshold < 0.8 and 3.0 < second.threshold < 70.0
+
+
+def _kind_rates(flags: np.ndarray, kinds: np.ndarray) -> float:
+    return max(float(flags[kinds == kind].mean()) for kind in np.unique(kinds))
+
+
+def test_a_rare_kind_of_negative_cannot_take_every_allowed_false_alarm():
+    """Plain frames score low, frames with a harmless occluder in the middle: pooled, the 5% bound
+    lets the threshold sit inside the occluded scores; per kind, it must clear them too."""
+    rng = np.random.default_rng(2)
+    plain, occluded, patched = rng.normal(0, 0.1, 150), rng.normal(1.0, 0.1, 20), rng.normal(2.0, 0.5, 100)
+    clean = np.r_[plain, occluded]
+    kinds = np.r_[np.zeros(plain.size), np.ones(occluded.size)]
+    pooled = calibrate_threshold(clean, patched, 0.05)
+    assert (occluded > pooled.threshold).mean() > 0.2  # the flaw: 7 of 20 allowed false alarms fall on occluded frames
+    per_kind = calibrate_threshold(clean, patched, 0.05, negative_kinds=kinds)
+    assert per_kind.criterion == "fpr<=0.05 per negative kind"
+    assert _kind_rates(clean > per_kind.threshold, kinds) <= 0.05
+    # the highest TPR that keeps every kind within the bound (brute force over all thresholds)
+    best = max((patched > t).mean() for t in np.r_[clean, patched, -1e9] if _kind_rates(clean > t, kinds) <= 0.05)
+    assert per_kind.true_positive_rate == pytest.approx(best)
+    assert per_kind.false_positive_rate == pytest.approx((clean > per_kind.threshold).mean())  # pooled, as reported
+    # one kind only, or Youden's J: the same as without kinds
+    assert calibrate_threshold(clean, patched, 0.05, negative_kinds=np.zeros(clean.size)) == pooled
+    assert calibrate_threshold(clean, patched, None, negative_kinds=kinds) == calibrate_threshold(clean, patched, None)
+    with pytest.raises(InputError, match="one per clean image"):
+        calibrate_threshold(clean, patched, 0.05, negative_kinds=kinds[:-1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.1, 0.3]))
+def test_the_joint_bound_holds_for_each_kind_of_negative(seed, target):
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(0, 1, 14).round(1), rng.normal(0, 1, 14).round(1)
+    kinds = np.r_[np.zeros(9), np.ones(5)]
+    patched = rng.normal(1, 1, 9).round(1), rng.normal(1, 1, 9).round(1)
+    joint, _, second = calibrate_union(clean[0], patched[0], clean[1], patched[1], target_fpr=target, negative_kinds=kinds)
+    flags = (clean[0] > joint.threshold) | (clean[1] > second.threshold)
+    assert _kind_rates(flags, kinds) <= target
+    values = [np.r_[clean[k], patched[k], -1e9, 1e9] for k in range(2)]
+    best = max(_rates((t1, t2), clean, patched)[1] for t1 in values[0] for t2 in values[1]
+               if _kind_rates((clean[0] > t1) | (clean[1] > t2), kinds) <= target)
+    assert joint.true_positive_rate == pytest.approx(best)

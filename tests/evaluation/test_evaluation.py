@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -192,6 +194,26 @@ def test_hard_negatives_are_occluded_clean_samples_with_empty_masks(toy_setup):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, again))
     with pytest.raises(ZMaskError, match="hard_negatives"):
         patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, hard_negatives=1.5)
+
+
+def test_calibration_knows_which_negatives_carry_an_occluder(toy_setup):
+    from zmask.evaluation import FitPlan, patched_batches
+
+    _, defense, dataset, patches = toy_setup
+    plain = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=2, hard_negatives=0.5)
+    marked = patched_batches(dataset, patches, 4, FitPlan().eot, seed=2, placements=2, hard_negatives=0.5, mark_occluders=True)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, marked))  # same draws
+    originals = torch.stack([item["image"] for item in dataset] * 2)
+    images, masks, occluded = (torch.cat([b[k] for b in marked]) for k in range(3))
+    clean = masks.flatten(1).amax(1) == 0
+    changed = (images - originals).abs().flatten(1).amax(1) > 0
+    assert occluded.any() and torch.equal(occluded, clean & changed)
+    defense = copy.deepcopy(defense)  # the fixture's defense is shared
+    calibration = defense.calibrate(marked, target_fpr=0.0)
+    assert calibration.criterion == "fpr<=0.0 per negative kind" and calibration.false_positive_rate == 0.0
+    images, masks, _ = next(batch for batch in marked if batch[1].flatten(1).amax(1).gt(0).any())
+    with pytest.raises(ZMaskError, match="non-empty patch mask"):
+        defense.calibrate([(images, masks, torch.ones(images.shape[0], dtype=torch.bool))], target_fpr=0.0)
 
 
 def test_adaptive_attacks_are_reported_next_to_the_random_noise_control(toy_setup, tmp_path):

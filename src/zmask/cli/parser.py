@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "calibration images is at most FPR (default: Youden's J, the paper's max TPR - FPR)")
     fit.add_argument("--hard-negatives", type=probability, default=0.0, metavar="SHARE",
                      help="share of the clean fusion and calibration samples that carry a harmless occluder (random noise or a crop "
-                          "of another image) labelled 'no patch', so the flag means adversarial rather than unusual (default 0: the paper)")
+                          "of another image) labelled 'no patch', so the flag means adversarial rather than unusual; --target-fpr then "
+                          "bounds the false alarms on plain and on occluded clean images each (default 0: the paper)")
     fit.add_argument("--calibrate-mask", action="store_true",
                      help="choose the soft-mask threshold of Eq. 4 (default 0.5, the paper's) for the best patch-mask IoU on the "
                           "patched calibration samples; without it the fit still reports that IoU and warns if the masks are empty")

@@ -43,12 +43,28 @@ def roc_auc(clean_scores, patched_scores) -> float:
     return float(roc_auc_score(np.r_[np.zeros(clean.size), np.ones(patched.size)], np.r_[clean, patched]))
 
 
-def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None) -> Calibration:
+def negative_kind_labels(kinds, count: int) -> np.ndarray | None:
+    """``kinds`` (one label per clean score, or None) as an integer array, checked against ``count``."""
+    if kinds is None:
+        return None
+    labels = np.asarray(torch.as_tensor(kinds).detach().cpu().long().flatten())
+    if labels.size != count:
+        raise InputError(f"negative_kinds has {labels.size} labels for {count} clean scores: give one per clean image")
+    return labels
+
+
+def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None, negative_kinds=None) -> Calibration:
     """lambda0 such that ``score > lambda0`` flags an attack.
 
     Default criterion: Youden's J (max TPR - FPR). With ``target_fpr``, the operating point with
     the highest TPR whose FPR does not exceed it. The threshold is placed halfway between the
     lowest flagged score and the next lower score, so the strict comparison reproduces the point.
+
+    ``negative_kinds``: a label per clean score (e.g. 0 for a plain frame, 1 for a frame with a
+    harmless occluder). With ``target_fpr`` the bound then holds for each kind's own false-alarm
+    rate - the threshold is the highest of the kinds' own thresholds - so that the false alarms
+    the bound allows cannot all fall on the rarer kind. The reported FPR pools the kinds; Youden's
+    J pools them too.
     """
     from sklearn.metrics import roc_curve
 
@@ -56,6 +72,11 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     patched = _as_scores(patched_scores, "patched_scores")
     if target_fpr is not None and not 0.0 <= target_fpr <= 1.0:
         raise InputError(f"target_fpr={target_fpr} must lie in [0, 1]")
+    kinds = negative_kind_labels(negative_kinds, clean.size)
+    if target_fpr is not None and kinds is not None and np.unique(kinds).size > 1:
+        threshold = max(calibrate_threshold(clean[kinds == kind], patched, target_fpr).threshold for kind in np.unique(kinds))
+        return Calibration(threshold, float((patched > threshold).mean()), float((clean > threshold).mean()), roc_auc(clean, patched),
+                           f"fpr<={target_fpr} per negative kind")
     labels = np.concatenate([np.zeros(clean.size), np.ones(patched.size)])
     scores = np.concatenate([clean, patched])
     fpr, tpr, thresholds = roc_curve(labels, scores)
@@ -89,7 +110,7 @@ def _candidate_thresholds(values: np.ndarray) -> np.ndarray:
 
 
 def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, target_fpr: float | None = None,
-                    second_fpr: float | None = None) -> tuple[Calibration, Calibration, Calibration]:
+                    second_fpr: float | None = None, negative_kinds=None) -> tuple[Calibration, Calibration, Calibration]:
     """Thresholds (t1, t2) of the flag ``first > t1 or second > t2``, chosen together so that the
     false-alarm rate of the combination is what ``target_fpr`` bounds (two thresholds calibrated
     one by one would add their false alarms).
@@ -102,6 +123,8 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     the higher thresholds. Returns
     (the combined operating point, whose threshold is t1 and whose AUC is that of the combined
     score :func:`union_score`; the first score alone at t1; the second alone at t2).
+    ``negative_kinds`` as in :func:`calibrate_threshold`: with ``target_fpr``, the combination's
+    false-alarm rate is bounded for each kind of clean image (the reported FPR pools them).
     """
     clean = _as_scores(clean_scores, "clean_scores")
     patched = _as_scores(patched_scores, "patched_scores")
@@ -112,19 +135,24 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     for name, rate in (("target_fpr", target_fpr), ("second_fpr", second_fpr)):
         if rate is not None and not 0.0 <= rate <= 1.0:
             raise InputError(f"{name}={rate} must lie in [0, 1]")
+    kinds = negative_kind_labels(negative_kinds, clean.size)
+    kind_masks = [kinds == kind for kind in np.unique(kinds)] if kinds is not None and target_fpr is not None else []
     first_candidates = _candidate_thresholds(np.r_[clean, patched])
     second_candidates = _candidate_thresholds(np.r_[clean2, patched2])
     if second_fpr is not None:
         alone = (clean2[None, :] > second_candidates[:, None]).mean(1)
         second_candidates = second_candidates[alone <= second_fpr]
     fpr = np.empty((first_candidates.size, second_candidates.size))
+    bounded = np.empty_like(fpr)  # what target_fpr bounds: the pooled FPR, or the highest of the kinds' own
     tpr = np.empty_like(fpr)
     clean_second_flags = clean2[None, :] > second_candidates[:, None]  # (second candidates, images)
     patched_second_flags = patched2[None, :] > second_candidates[:, None]
     for i, threshold in enumerate(first_candidates):  # one row at a time: memory grows with candidates x images only
-        fpr[i] = (clean_second_flags | (clean > threshold)[None, :]).mean(1)
+        false_alarms = clean_second_flags | (clean > threshold)[None, :]
+        fpr[i] = false_alarms.mean(1)
+        bounded[i] = np.max([false_alarms[:, kind].mean(1) for kind in kind_masks], axis=0) if len(kind_masks) > 1 else fpr[i]
         tpr[i] = (patched_second_flags | (patched > threshold)[None, :]).mean(1)
-    objective = tpr - fpr if target_fpr is None else np.where(fpr <= target_fpr, tpr, -np.inf)
+    objective = tpr - fpr if target_fpr is None else np.where(bounded <= target_fpr, tpr, -np.inf)
     # Among equally good pairs, keep both kinds of evidence working: the most patched images each
     # score flags on its own, then the fewest clean ones, then the higher thresholds. (Otherwise,
     # when one score separates perfectly, "never flag" would do for the other.)
@@ -134,7 +162,7 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     keys = (cols, rows, -own_fpr, own_tpr, -fpr, objective)  # np.lexsort: the last key is the primary one
     i, j = np.unravel_index(np.lexsort(tuple(np.broadcast_to(k, objective.shape).ravel() for k in keys))[-1], objective.shape)
     first_threshold, second_threshold = float(first_candidates[i]), float(second_candidates[j])
-    criterion = "joint youden" if target_fpr is None else f"joint fpr<={target_fpr}"
+    criterion = "joint youden" if target_fpr is None else f"joint fpr<={target_fpr}" + (" per negative kind" if len(kind_masks) > 1 else "")
     combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
                            union_score(patched, patched2, first_threshold, second_threshold))
     joint = Calibration(first_threshold, float(tpr[i, j]), float(fpr[i, j]), combined_auc, criterion)

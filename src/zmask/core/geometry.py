@@ -43,9 +43,18 @@ class AxisWindows:
     inverse: torch.Tensor
     same_offsets: tuple[int, int] | None = None
 
+    def __post_init__(self) -> None:
+        # Read on every frame by the refinement: computed once here (the windows never change).
+        count = int(self.start.numel())
+        length = self.end - self.start
+        steps = torch.arange(count, device=self.start.device) + self.start[0] if count else self.start
+        uniform = count > 0 and bool((length == length[0]).all()) and bool((self.start == steps).all())
+        object.__setattr__(self, "_count", count)
+        object.__setattr__(self, "_uniform_length", int(length[0]) if uniform else None)
+
     @property
     def count(self) -> int:
-        return int(self.start.numel())
+        return self._count  # type: ignore[attr-defined]
 
     @property
     def length(self) -> torch.Tensor:
@@ -56,11 +65,7 @@ class AxisWindows:
 
         Consecutive equal-length windows are evaluated by slicing instead of gathering.
         """
-        length = self.end - self.start
-        steps = torch.arange(self.count, device=self.start.device) + self.start[0]
-        if bool((length == length[0]).all()) and bool((self.start == steps).all()):
-            return int(length[0])
-        return None
+        return self._uniform_length  # type: ignore[attr-defined]
 
     def to(self, device: torch.device | str) -> AxisWindows:
         return AxisWindows(self.start.to(device), self.end.to(device), self.inverse.to(device), self.same_offsets)

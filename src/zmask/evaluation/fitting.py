@@ -29,7 +29,8 @@ class FitPlan:
     at a fresh random place); above 1 it stretches a small training split. ``target_fpr``: choose
     lambda0 for at most this false-positive rate on the clean calibration images (None: Youden's J).
     ``hard_negatives``: share of the clean fusion and calibration samples that carry a harmless
-    occluder (noise or a crop of another image) labelled "no patch" (:func:`patched_batches`).
+    occluder (noise or a crop of another image) labelled "no patch" (:func:`patched_batches`);
+    ``target_fpr`` then bounds the false alarms on plain and on occluded clean images each.
     ``auto_layers``: choose S and D first (:func:`~zmask.evaluation.layer_selection.select_layers`)
     among ``layer_candidates`` (None: the model's modules down to 1/8 resolution), with statistics
     on up to ``selection_images`` statistics images and the evidence on as many fusion images,
@@ -76,7 +77,7 @@ def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Su
 
 
 def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_size: int, eot: EOTConfig, seed: int, clean_share: float = 0.5,
-                    placements: int = 1, hard_negatives: float = 0.0):
+                    placements: int = 1, hard_negatives: float = 0.0, mark_occluders: bool = False):
     """(images, masks) batches: each image gets a random patch of ``patches`` at a random place, or
     stays clean (empty mask) with probability ``clean_share``; the dataset is gone through
     ``placements`` times with fresh draws. Deterministic for a seed.
@@ -85,6 +86,9 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
     size - uniform random noise, or a crop of another image of ``dataset`` (half each) - and
     still an empty mask, so that a flag learnt or calibrated on them means "adversarial patch"
     rather than "something unusual is in the picture". 0 is the paper's training.
+    ``mark_occluders``: (images, masks, occluded) batches, ``occluded`` marking those samples, so
+    that calibration bounds their false alarms on their own (:meth:`ZMask.calibrate`). The images
+    and masks are the same either way.
     """
     if placements < 1:
         raise ConfigError(f"placements={placements} must be at least 1")
@@ -95,11 +99,13 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
     length = dataset_length(dataset)
     order = [index for _ in range(placements) for index in range(length)]
     for start in range(0, len(order), batch_size):
-        images, masks = [], []
+        images, masks, occluded = [], [], []
         for index in order[start : start + batch_size]:
             image = dataset[index]["image"]
+            occluded.append(False)
             if float(torch.rand((), generator=generator)) < clean_share:
                 if hard_negatives and float(torch.rand((), generator=generator)) < hard_negatives:
+                    occluded[-1] = True
                     shape = patches[int(torch.randint(0, len(patches), (), generator=generator))].shape
                     size = (int(shape[-2]), int(shape[-1]))
                     occluder = _occluder(dataset, index, image.shape[0], size, generator)
@@ -114,7 +120,8 @@ def patched_batches(dataset: Dataset, patches: Sequence[torch.Tensor], batch_siz
             placed = apply_patch(image[None], patch, generator, eot)
             images.append(placed.images[0])
             masks.append(placed.masks[0])
-        batches.append((torch.stack(images), torch.stack(masks)))
+        batch = (torch.stack(images), torch.stack(masks))
+        batches.append((*batch, torch.tensor(occluded)) if mark_occluders else batch)
     return batches
 
 
@@ -157,7 +164,7 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
                                   hard_negatives=plan.hard_negatives)
     history = defense.fit_fusion(fusion_data, plan.fusion, progress=progress)
     calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2, placements=plan.placements,
-                                       hard_negatives=plan.hard_negatives)
+                                       hard_negatives=plan.hard_negatives, mark_occluders=True)
     calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress, calibrate_mask=plan.calibrate_mask)
     report = {
         "statistics_images": len(statistics_set), "fusion_images": len(fusion_set), "calibration_images": len(calibration_set),
