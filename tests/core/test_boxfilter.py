@@ -165,3 +165,23 @@ def test_auto_switches_evaluator_at_the_cost_models_break_even(native, grid):
     assert cost.method(break_even * 1.01) == "separable" and cost.method(break_even * 0.99) == "table"
     expected = cost.method()
     assert build_plan(native, config, kernels, torch.device("cpu")).method == expected
+
+
+@pytest.mark.parametrize("method", ["table", "separable"])
+@pytest.mark.parametrize("chunk_elements, chunks, images_per_pass", [(46 * 61 * 5, 3, 1), (46 * 61 * 13 * 2, 1, 2)])
+def test_an_images_heatmap_does_not_depend_on_its_batch(method, chunk_elements, chunks, images_per_pass):
+    """Channel chunks are those of one image and images go through in groups: every image of a
+    batch gets exactly the heatmap it gets alone."""
+    kernels = ((19, 26), (5, 6))
+    config = ZMaskConfig(shallow_layers=("a",), deep_layers=("a",), shallow_kernels=kernels, deep_kernels=kernels[:1],
+                         heatmap_size=(45, 60), pooling="same", box_method=method, spr_variant="reference", chunk_elements=chunk_elements)
+    generator = torch.Generator().manual_seed(0)
+    activation = torch.randn(5, 13, 90, 120, generator=generator)
+    stats = LayerStatistics(torch.randn(13, 1, generator=generator), torch.rand(13, 1, generator=generator) + 0.5)
+    refiner = LayerRefiner(config)
+    plan = refiner.plan((90, 120), list(kernels), torch.device("cpu"))
+    if method == "table":  # the separable intermediate is smaller: fewer chunks, more images a pass
+        assert len(refiner._chunks(plan, 13)) == chunks and refiner._images_per_pass(plan, 13, torch.device("cpu")) == images_per_pass
+    together = refiner.heatmaps(activation, stats, {"S": kernels})["S"]
+    alone = torch.cat([refiner.heatmaps(activation[i : i + 1], stats, {"S": kernels})["S"] for i in range(5)])
+    assert torch.equal(together, alone)

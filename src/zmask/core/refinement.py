@@ -164,6 +164,11 @@ def evaluator_cost(native, grid, windows, separable) -> EvaluatorCost:
     return EvaluatorCost(table, products, elementwise)
 
 
+# Elements (float64 at most) that one pass of the refinement keeps in flight on a CPU: about the
+# size of a last-level cache share, beyond which the table's passes become memory-bound.
+_CPU_WORKING_SET = 1 << 21
+
+
 class LayerRefiner:
     """Computes SPR heatmaps of layers, caching shape-dependent plans per (size, kernels, device).
 
@@ -190,18 +195,30 @@ class LayerRefiner:
         """SPR heatmap (B x 1 x H_R x W_R) of one layer for each named kernel list.
 
         Pooled maps are shared between lists: a layer in both S and D pools each distinct kernel once.
+        The images of a batch go through in groups (:meth:`_images_per_pass`) with the channel
+        chunks of a single image, so an image's heatmap does not depend on its batch.
         """
-        config = self.config
         union = list(dict.fromkeys(k for kernels in kernel_sets.values() for k in kernels))
         plan = self.plan((int(activation.shape[-2]), int(activation.shape[-1])), union, activation.device)
+        batch, channels = activation.shape[:2]
+        group = self._images_per_pass(plan, channels, activation.device)
+        if batch <= group:
+            return self._batch_heatmaps(activation, stats, kernel_sets, plan)
+        parts = [self._batch_heatmaps(activation[start:start + group], stats, kernel_sets, plan) for start in range(0, batch, group)]
+        return {name: torch.cat([part[name] for part in parts]) for name in kernel_sets}
+
+    def _batch_heatmaps(
+        self, activation: torch.Tensor, stats: LayerStatistics, kernel_sets: dict[str, Sequence[Kernel]], plan: LayerPlan
+    ) -> dict[str, torch.Tensor]:
+        config = self.config
         mean, scale = stats.normaliser(config.heatmap_size, config.eps, config.std_floor)
         mean, scale = mean.to(activation.device), scale.to(activation.device)
-        batch, channels = activation.shape[:2]
+        channels = activation.shape[1]
         reference = config.spr_variant == "reference"
         abs_sums: dict[Kernel, torch.Tensor] = {}
         paper_sums: dict[str, torch.Tensor] = {}
         paper_norms: dict[str, torch.Tensor] = {}
-        for part in self._chunks(plan, batch, channels):
+        for part in self._chunks(plan, channels):
             chunk = activation[:, part]
             source = self._source(chunk, _slice_channels(mean, part), _slice_channels(scale, part), plan)
             if reference:
@@ -237,15 +254,30 @@ class LayerRefiner:
             result[name] = chain.unsqueeze(1)
         return result
 
-    def _chunks(self, plan: LayerPlan, batch: int, channels: int) -> list[slice]:
-        """Channel slices whose largest per-kernel intermediate stays within ``chunk_elements``."""
+    def _per_channel(self, plan: LayerPlan) -> int:
+        """Elements of the largest per-kernel intermediate of one channel of one image."""
         height, width = self.config.heatmap_size
         if plan.method == "table":
-            per_channel = (height + 1) * (width + 1)
-        else:
-            per_channel = max(rows.shape[0] * cols.shape[0] for rows, cols in (kp.separable_weights() for kp in plan.kernels.values()))
-        step = max(1, self.config.chunk_elements // (batch * per_channel))
+            return (height + 1) * (width + 1)
+        return max(rows.shape[0] * cols.shape[0] for rows, cols in (kp.separable_weights() for kp in plan.kernels.values()))
+
+    def _channel_step(self, plan: LayerPlan) -> int:
+        return max(1, self.config.chunk_elements // self._per_channel(plan))
+
+    def _chunks(self, plan: LayerPlan, channels: int) -> list[slice]:
+        """Channel slices whose largest per-kernel intermediate, for one image, stays within
+        ``chunk_elements`` (the same slices whatever the batch: the channel sums keep their order)."""
+        step = self._channel_step(plan)
         return [slice(start, min(start + step, channels)) for start in range(0, channels, step)]
+
+    def _images_per_pass(self, plan: LayerPlan, channels: int, device: torch.device) -> int:
+        """How many images go through the channel chunks together: as many as ``chunk_elements``
+        holds; on a CPU as many as stay within a cache-sized working set (_CPU_WORKING_SET): a
+        131-channel summed-area table of 8 images (12 MB each) took 52 ms per image, one image at a
+        time 29 ms (ESPNet's b2, 1 thread)."""
+        per_image = self._per_channel(plan) * min(self._channel_step(plan), channels)
+        budget = self.config.chunk_elements if device.type != "cpu" else min(self.config.chunk_elements, _CPU_WORKING_SET)
+        return max(1, budget // per_image)
 
     def _source(self, chunk: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         """What every kernel of a chunk is read from: the Z-score's summed-area table (table) or
