@@ -30,7 +30,10 @@ def test_table_rows_come_from_the_reports(assets, tmp_path):
     clean = report["masking"]["no patch"]["none"]["map"]
     recovery = report["recovery"]["L"]["zmask"]["recovery"]
     assert f"{clean:.3f}" in rows["yolov5n_coco"] and f"{recovery:.3f}" in rows["yolov5n_coco"]
-    assert "net.model.1" in text and "90x120" in text  # the layers and grid of each report's profile
+    from zmask.core.profile import load_profile
+
+    grid = load_profile(ROOT / "src/zmask/profiles/espnet_camvid.safetensors").config.heatmap_size
+    assert "net.model.1" in text and f"{grid[0]}x{grid[1]}" in text  # the layers and grid of each report's profile
     again = _table(tmp_path, out)  # a table of zmask's own is replaced only with --overwrite
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert _table(tmp_path, out, "--overwrite").returncode == 0

@@ -66,12 +66,13 @@ class ProfileRecord:
 
 ESPNET_CAMVID_PROFILE = ProfileRecord(
     "espnet_camvid.safetensors",
-    "15719b463eaccfc64a847c8b9f4d506bc49b2222ecf6c38882633e7507037e4d",
+    "151b4f9911e80402939dc44938ea5488dd8823c462314af4a43540c3dd0a619e",
     "CamVid train (SegNet split, 360x480): clean statistics on 120 images, the fusion block on 120 others with the six "
-    "committed L patches (beta 0.5-1.0, src/zmask/patches/espnet_camvid_L_beta*.png), lambda0 by ROC on 80 more; seed 0",
+    "committed L patches (beta 0.5-1.0, src/zmask/patches/espnet_camvid_L_beta*.png), lambda0 by ROC on 80 more; heatmap "
+    "grid 45x60, the finest within 1.25x the forward (--max-overhead 0.25); seed 0",
     {
-        "lambda0": 0.1401, "calibration_auc": 1.000,
-        "val_miou_clean": 0.701, "val_miou_L_patch": 0.301, "val_miou_L_patch_zmask": 0.643, "val_auc_L_patch": 1.000,
+        "lambda0": 0.1559, "calibration_auc": 1.000,
+        "val_miou_clean": 0.701, "val_miou_L_patch": 0.301, "val_miou_L_patch_zmask": 0.639, "val_auc_L_patch": 1.000,
     },
     "zmask fit --config experiments/espnet_camvid_fit.yaml",
     "README, 'Patches' and 'Evaluation'; CamVid val (101 images)",
