@@ -22,7 +22,7 @@ from ..core.fusion import fuse_and_score
 from ..core.refinement import layer_heatmap_direct
 from ..defense import ZMask
 from ..errors import ConfigError
-from ..evaluation.cost import interleaved_medians
+from ..evaluation.cost import interleaved_medians, never_flag
 from ..models import get_preset
 
 
@@ -36,13 +36,6 @@ def _literal_analysis(defense: ZMask, images: torch.Tensor) -> torch.Tensor:
     shallow = torch.stack([maps[n]["S"] for n in config.shallow_layers]).amax(0).float()
     deep = torch.stack([maps[n]["D"] for n in config.deep_layers]).amax(0).float()
     return fuse_and_score(defense.state.fusion, shallow, deep, config.score)[1]
-
-
-def never_flag(state: Any) -> None:
-    """Thresholds no score passes: every frame takes the clean path (the analysis alone)."""
-    state.threshold = float("inf")
-    if state.extreme_threshold is not None:
-        state.extreme_threshold = float("inf")
 
 
 def _shipped_config(preset: Any) -> Any:
