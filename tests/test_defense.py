@@ -215,3 +215,21 @@ def test_defended_espnet_runs_in_bfloat16(assets):
     assert result.detection.flagged.tolist() == [False, True] == expected.detection.flagged.tolist()
     agreement = (result.output.argmax(1) == expected.output.argmax(1)).float().mean()
     assert agreement > 0.95
+
+
+def test_headroom_calibration_anchors_both_thresholds_on_the_clean_scores():
+    """With ``headroom`` the thresholds come from the clean calibration images alone: just above
+    their highest score, so the flag is tighter than the ROC gap midpoint."""
+    from zmask.core.calibration import clean_anchored_threshold
+
+    defense = fitted_toy_defense(TOY_CONFIG.replace(extreme_layers=("c2", "c3")), epochs=5)
+    images, masks = patched_batch(4, seed=11)
+    clean = clean_batches(2, 4, seed=12)
+    batches = [(torch.cat([images, clean[0]]), torch.cat([masks, torch.zeros_like(masks)])), (clean[1], torch.zeros_like(masks))]
+    roc = defense.calibrate(batches).threshold
+    anchored = defense.calibrate(batches, headroom=1.0)
+    with torch.no_grad():
+        clean_analysis = defense.detect(torch.cat(clean), gate=False)
+    assert anchored.threshold == pytest.approx(clean_anchored_threshold(clean_analysis.score, 1.0), rel=1e-5)
+    assert defense.state.extreme_threshold == pytest.approx(clean_anchored_threshold(clean_analysis.extreme_score, 1.0), rel=1e-5)
+    assert anchored.threshold <= roc and anchored.false_positive_rate == 0.0

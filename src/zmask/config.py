@@ -85,6 +85,13 @@ class ZMaskConfig:
         candidate_windows: window sizes (height, width) in input pixels for those candidates;
             ``zmask fit`` records the sizes of the patches it was fitted with.
         candidate_regions: at most this many coverage regions become candidates.
+        candidate_choice: how the candidate is chosen (``zmask.core.candidates.better_candidate``):
+            "clearance" (the default), the smallest mask whose re-pass is no longer flagged;
+            "effect", beyond that, windows found by a search that does not read the evidence
+            join the candidates, and among the masks whose re-pass is no longer flagged the one
+            whose removal changes the model's output most wins (``zmask.core.effect``): a decoy
+            the attacker makes look suspicious loses to the patch unless removing it changes the
+            prediction more than removing the patch. Costs more re-passes per flagged frame.
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
         chunk_elements: the refinement processes as many channels at once as fit this many values
@@ -115,6 +122,7 @@ class ZMaskConfig:
     mask_candidates: bool = False
     candidate_windows: tuple[Kernel, ...] = ()
     candidate_regions: int = 3
+    candidate_choice: Literal["clearance", "effect"] = "clearance"
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON/YAML) into tuples so that configs compare and hash alike.
@@ -194,6 +202,10 @@ class ZMaskConfig:
             raise ConfigError(f"candidate_windows has {len(self.candidate_windows)} sizes, more than the {MAX_CANDIDATE_WINDOWS} allowed")
         if any(h < 1 or w < 1 for h, w in self.candidate_windows):
             raise ConfigError(f"candidate_windows {self.candidate_windows} must be positive (height, width) sizes in input pixels")
+        if self.candidate_choice not in ("clearance", "effect"):
+            raise ConfigError(f"candidate_choice={self.candidate_choice!r} must be 'clearance' or 'effect'")
+        if self.candidate_choice == "effect" and not self.candidate_windows:
+            raise ConfigError("candidate_choice='effect' searches with windows of the patch sizes: give candidate_windows")
         if not 0.0 <= _real(self.extreme_fpr, "extreme_fpr") <= 1.0:
             raise ConfigError(f"extreme_fpr={self.extreme_fpr} must lie in [0, 1]")
 

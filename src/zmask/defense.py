@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze
 from .core.calibration import Calibration, calibrate_threshold, calibrate_union
-from .core.candidates import better_candidate, candidate_keep_masks
+from .core.candidates import Box, Trial, better_candidate, box_keep_mask, candidate_keep_masks, search_boxes, windows_within
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
+from .core.effect import output_change
 from .core.extremes import ExtremeAccumulator
 from .core.fusion import FusionBlock, FusionTraining, train_fusion
 from .core.masking import apply_mask, choose_mask_threshold, mask_iou, patch_mask
@@ -160,12 +161,14 @@ class ZMask(nn.Module):
         return train_fusion(self.state.fusion, shallow, deep, targets, settings, progress)
 
     def calibrate(self, data: Iterable[Any], target_fpr: float | None = None, progress: bool = False,
-                  calibrate_mask: bool = False) -> Calibration:
+                  calibrate_mask: bool = False, headroom: float | None = None) -> Calibration:
         """Choose lambda0 by ROC over (images, patch_masks) batches: an image is positive if its mask is not empty.
 
         Batches may carry a third item (or a dict's 'occluded'): which clean images carry a
         harmless occluder. ``target_fpr`` then bounds the false-alarm rate of plain and of occluded
         clean images each (:func:`~zmask.core.calibration.calibrate_threshold`'s negative kinds).
+        ``headroom`` instead of an ROC criterion: each threshold sits just above the clean scores
+        (:func:`~zmask.core.calibration.clean_anchored_threshold`), whatever the patches score.
         The same pass measures the patch-mask IoU on the patched images (``state.calibration_mask_iou``;
         a warning when it is near zero) and, with ``calibrate_mask``, first sets the soft-mask
         threshold of Eq. 4 to the one with the best IoU there (:func:`choose_mask_threshold`)."""
@@ -196,7 +199,7 @@ class ZMask(nn.Module):
             # target_fpr (or Youden's J) is the false-alarm rate of the combination.
             hyper_all = torch.cat(hyper)
             state.calibration, alone, state.extreme_calibration = calibrate_union(
-                clean, patched, hyper_all[~labels_all], hyper_all[labels_all], target_fpr, self.config.extreme_fpr, kinds)
+                clean, patched, hyper_all[~labels_all], hyper_all[labels_all], target_fpr, self.config.extreme_fpr, kinds, headroom)
             state.threshold, state.extreme_threshold = state.calibration.threshold, state.extreme_calibration.threshold
             logger.info("calibrated lambda0 %.4f (alone: TPR %.3f, FPR %.3f) and the extreme-score threshold %.4f (alone: TPR %.3f, "
                         "FPR %.3f) together: TPR %.3f, FPR %.3f", state.threshold, alone.true_positive_rate, alone.false_positive_rate,
@@ -204,7 +207,7 @@ class ZMask(nn.Module):
                         state.extreme_calibration.false_positive_rate, state.calibration.true_positive_rate,
                         state.calibration.false_positive_rate)
         else:
-            state.calibration = calibrate_threshold(clean, patched, target_fpr, kinds)
+            state.calibration = calibrate_threshold(clean, patched, target_fpr, kinds, headroom)
             state.threshold = state.calibration.threshold
         logger.info("calibrated lambda0 = %.4f on %d clean images (%d with a harmless occluder) and %d patched images (AUC %.3f)",
                     state.threshold, int((~labels_all).sum()), int(kinds.sum()) if kinds is not None else 0, int(labels_all.sum()),
@@ -273,44 +276,46 @@ class ZMask(nn.Module):
         if analysis.flagged.any():
             index = analysis.flagged.nonzero().flatten()
             if self.config.mask_candidates:
-                rerun = self._best_candidates(images, analysis, index)
+                rerun = self._best_candidates(images, output, analysis, index)
             else:
                 rerun = self.model(self.apply_mask(images[index], analysis.keep_mask[index]))
             output = merge_outputs(output, rerun, index)
         return DefenseOutput(output, analysis, analysis.heatmaps if return_heatmaps else None)
 
-    def _best_candidates(self, images: torch.Tensor, analysis: Analysis, index: torch.Tensor) -> Any:
+    def _best_candidates(self, images: torch.Tensor, output: Any, analysis: Analysis, index: torch.Tensor) -> Any:
         """Evidence-guided masking: re-run the flagged images ``index`` once per candidate keep-mask
         (:func:`~zmask.core.candidates.candidate_keep_masks`), in batches no larger than the input
         batch, keep for each image the candidate :func:`~zmask.core.candidates.better_candidate`
-        prefers (the smallest mask whose re-pass is no longer flagged, else the lowest flag margin),
-        and return those re-passes' outputs. Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen
-        box where a box won) and ``candidate``."""
+        prefers under ``config.candidate_choice``, and return those re-passes' outputs. With the
+        "effect" rule a search stage comes first: the windows of
+        :func:`~zmask.core.candidates.search_boxes` are re-run, and the patch-size windows inside
+        the one whose removal changed ``output`` (the first pass) most join the candidates. Sets
+        ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a box won) and ``candidate``."""
         if self.state.threshold is None:
             raise NotFittedError("choosing among keep-mask candidates needs lambda0: calibrate the defense first")
-        keep = analysis.keep_mask
-        per_image = [candidate_keep_masks(analysis, keep, int(i), self.config.candidate_windows, self.config.candidate_regions)
-                     for i in index.tolist()]
-        owners = [slot for slot, candidates in enumerate(per_image) for _ in range(len(candidates))]
-        stacked = torch.cat(per_image)
+        config, keep = self.config, analysis.keep_mask
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        areas = (1.0 - stacked).flatten(1).sum(1).tolist()
-        best: list[tuple[float, float] | None] = [None] * len(per_image)  # (margin, masked area) of the best so far
+        by_effect = config.candidate_choice == "effect"
+        before = take_outputs(output, index) if by_effect else None
+        extra: list[list[Box]] = [[] for _ in range(len(index))]
+        if by_effect:
+            searched = search_boxes(config.candidate_windows, size)
+            search_masks = torch.stack([box_keep_mask(box, size, analysis.mask_dilation, keep.device) for box in searched])
+            most_change, chosen = [-1.0] * len(index), [0] * len(index)
+            for slot, position, trial, _ in self._rerun(images, index, before, [search_masks] * len(index), with_margin=False):
+                if trial.change > most_change[slot]:  # ties keep the earlier window
+                    most_change[slot], chosen[slot] = trial.change, position % len(searched)
+            extra = [windows_within(searched[window], config.candidate_windows) for window in chosen]
+        per_image = [candidate_keep_masks(analysis, keep, int(i), config.candidate_windows, config.candidate_regions, boxes)
+                     for i, boxes in zip(index.tolist(), extra)]
+        best: list[Trial | None] = [None] * len(per_image)
         best_position = [0] * len(per_image)
         best_output: list[Any] = [None] * len(per_image)
-        step = max(1, int(images.shape[0]))  # peak memory as for the input batch, whatever the number of candidates
-        for start in range(0, len(owners), step):
-            part = torch.arange(start, min(start + step, len(owners)))
-            sources = index[torch.tensor([owners[p] for p in part.tolist()], dtype=torch.long, device=index.device)]
-            rerun, activations = self.capture(self.apply_mask(images[sources], stacked[part.to(stacked.device)]))
-            margin = self.analyze(activations, size, gate=False).margin
-            assert margin is not None  # lambda0 is set
-            for offset, position in enumerate(part.tolist()):
-                slot = owners[position]
-                current = (float(margin[offset]), areas[position])
-                if best[slot] is None or better_candidate(current, best[slot]):  # ties keep the earlier one (Eq. 4's first)
-                    best[slot], best_position[slot] = current, position
-                    best_output[slot] = take_outputs(rerun, torch.tensor([offset], device=margin.device))
+        for slot, position, trial, rerun in self._rerun(images, index, before, per_image, with_margin=True):
+            incumbent = best[slot]
+            if incumbent is None or better_candidate(trial, incumbent, config.candidate_choice):  # ties keep the earlier one
+                best[slot], best_position[slot], best_output[slot] = trial, position, rerun
+        stacked = torch.cat(per_image)
         positions = torch.tensor(best_position, dtype=torch.long, device=stacked.device)
         first = torch.tensor([0] + [len(c) for c in per_image[:-1]], device=stacked.device).cumsum(0)
         candidate = torch.full(analysis.flagged.shape, -1, dtype=torch.long, device=keep.device)
@@ -321,6 +326,34 @@ class ZMask(nn.Module):
         updated_patch[index[boxes]] = 1.0 - stacked[positions[boxes.to(positions.device)]]
         analysis.keep_mask, analysis.patch_mask, analysis.candidate = updated_keep, updated_patch, candidate
         return concat_outputs(best_output)
+
+    def _rerun(self, images: torch.Tensor, index: torch.Tensor, before: Any, per_image: list[torch.Tensor],
+               with_margin: bool) -> Iterator[tuple[int, int, Trial, Any]]:
+        """Re-run image ``index[slot]`` masked by each of ``per_image[slot]`` (K_slot x 1 x H x W),
+        in batches of the input batch's size (peak memory as for the input, whatever the number of
+        candidates); yields (slot, position among all candidates, :class:`Trial`, that re-pass's
+        output). The trial's change is measured against ``before`` (the first pass's outputs of
+        ``index``) when given; its margin only ``with_margin`` (else 0)."""
+        owners = [slot for slot, candidates in enumerate(per_image) for _ in range(len(candidates))]
+        stacked = torch.cat(per_image)
+        areas = (1.0 - stacked).flatten(1).sum(1).tolist()
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        step = max(1, int(images.shape[0]))
+        for start in range(0, len(owners), step):
+            part = list(range(start, min(start + step, len(owners))))
+            slots = torch.tensor([owners[p] for p in part], dtype=torch.long, device=index.device)
+            masks = stacked[torch.tensor(part, device=stacked.device)]
+            if with_margin:
+                rerun, activations = self.capture(self.apply_mask(images[index[slots]], masks))
+                margins = self.analyze(activations, size, gate=False).margin
+                assert margins is not None  # lambda0 is set
+                margin_list = margins.tolist()
+            else:
+                rerun, margin_list = self.model(self.apply_mask(images[index[slots]], masks)), [0.0] * len(part)
+            changes = output_change(take_outputs(before, slots), rerun, masks).tolist() if before is not None else [0.0] * len(part)
+            for offset, position in enumerate(part):
+                trial = Trial(float(margin_list[offset]), areas[position], float(changes[offset]))
+                yield owners[position], position, trial, take_outputs(rerun, torch.tensor([offset], device=slots.device))
 
     # ------------------------------------------------------------------ persistence
     def profile(self) -> Profile:

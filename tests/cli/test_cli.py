@@ -259,6 +259,12 @@ def test_fit_layer_options_are_checked_before_any_work(capsys, tmp_path):
     assert code == 2 and "--layers auto" in err
     code, _, err = run(capsys, *base, "--layers", "auto", "--shallow", "net.encoder.b1")
     assert code == 2 and "leave out --shallow" in err
+    code, _, err = run(capsys, *base, "--headroom", "1", "--target-fpr", "0.05")
+    assert code == 2 and "leave out --target-fpr" in err
+    code, _, err = run(capsys, *base, "--headroom", "-1")
+    assert code == 2 and ">= 0" in err
+    code, _, err = run(capsys, *base, "--candidate-choice", "effect")
+    assert code == 2 and "add --layered" in err
 
 
 def test_defend_masks_and_heatmaps_follow_one_documented_convention(capsys, tmp_path, assets):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zmask.core.calibration import calibrate_threshold, calibrate_union, union_score
+from zmask.core.calibration import calibrate_threshold, calibrate_union, clean_anchored_threshold, union_score
 from zmask.errors import InputError
 
 
@@ -131,3 +131,30 @@ def test_the_joint_bound_holds_for_each_kind_of_negative(seed, target):
     best = max(_rates((t1, t2), clean, patched)[1] for t1 in values[0] for t2 in values[1]
                if _kind_rates((clean[0] > t1) | (clean[1] > t2), kinds) <= target)
     assert joint.true_positive_rate == pytest.approx(best)
+
+
+def test_clean_anchored_thresholds_sit_just_above_the_clean_scores_whatever_the_patches_score():
+    clean = torch.tensor([0.1, 0.2, 0.3, 0.5])
+    assert clean_anchored_threshold(clean, 1.0) == pytest.approx(0.5 + (0.5 - 0.25))
+    assert clean_anchored_threshold(clean, 0.0) == pytest.approx(0.5)
+    near, far = torch.tensor([0.9, 1.0]), torch.tensor([90.0, 100.0])
+    # ROC puts the threshold in the gap to the patches at hand: far patches move it far up
+    assert calibrate_threshold(clean, far).threshold > 10 * calibrate_threshold(clean, near).threshold
+    # the clean anchor does not move with them, and still flags both
+    for patched in (near, far):
+        anchored = calibrate_threshold(clean, patched, headroom=1.0)
+        assert anchored.threshold == pytest.approx(0.75) and anchored.true_positive_rate == 1.0 and anchored.false_positive_rate == 0.0
+    joint, first, second = calibrate_union(clean, far, clean * 10, far * 10, headroom=0.5)
+    assert first.threshold == pytest.approx(0.5 + 0.5 * 0.25) and second.threshold == pytest.approx(5.0 + 0.5 * 2.5)
+    assert joint.threshold == first.threshold and second.criterion == "clean max + 0.5 x (max - median)"
+    assert joint.true_positive_rate == 1.0 and joint.false_positive_rate == 0.0
+
+
+def test_headroom_is_refused_beside_a_target_fpr_or_when_negative():
+    clean, patched = torch.tensor([0.1, 0.2]), torch.tensor([0.9])
+    with pytest.raises(InputError, match="not both"):
+        calibrate_threshold(clean, patched, target_fpr=0.05, headroom=1.0)
+    with pytest.raises(InputError, match="not both"):
+        calibrate_union(clean, patched, clean, patched, target_fpr=0.05, headroom=1.0)
+    with pytest.raises(InputError, match="headroom"):
+        calibrate_threshold(clean, patched, headroom=-1.0)

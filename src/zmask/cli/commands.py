@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -208,6 +209,12 @@ def run_fit(args: argparse.Namespace) -> int:
         raise UsageError("--layer-candidates needs --layers auto")
     if args.layers == "auto" and (args.shallow or args.deep):
         raise UsageError("--layers auto chooses S and D: leave out --shallow and --deep")
+    if args.headroom is not None and args.target_fpr is not None:
+        raise UsageError("--headroom sets the thresholds from the clean scores alone: leave out --target-fpr")
+    if args.headroom is not None and not (math.isfinite(args.headroom) and args.headroom >= 0):
+        raise UsageError(f"--headroom {args.headroom} must be a finite number >= 0")
+    if args.candidate_choice != "clearance" and not args.layered:
+        raise UsageError("--candidate-choice chooses among the keep-mask candidates of a layered defense: add --layered")
     preset = _model_preset(args)
     overrides = {}
     if args.shallow:
@@ -224,7 +231,7 @@ def run_fit(args: argparse.Namespace) -> int:
                    placements=args.placements, fusion=FusionTraining(epochs=args.epochs, batch_size=15, learning_rate=0.01, seed=args.seed, min_steps=300),
                    seed=args.seed, target_fpr=args.target_fpr, hard_negatives=args.hard_negatives, auto_layers=args.layers == "auto", calibrate_mask=args.calibrate_mask,
                    layer_candidates=tuple(args.layer_candidates) if args.layer_candidates else None, max_overhead=args.max_overhead,
-                   layered=args.layered)
+                   layered=args.layered, candidate_choice=args.candidate_choice, headroom=args.headroom)
     needed = plan.statistics_images + plan.fusion_images + plan.calibration_images
     if needed > len(dataset):
         raise UsageError(f"the {args.split} split has {len(dataset)} images, the plan needs {needed}: lower --statistics-images/--fusion-images/--calibration-images")

@@ -199,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="beyond the paper: the channel-extreme score of the analysed layers joins the Z-Mask score in one flag "
                           "whose thresholds are calibrated together (--target-fpr bounds the combination), and a flagged frame's "
                           "keep-mask is chosen among candidates by re-running each (docs/method.md, 'Layered evidence')")
+    fit.add_argument("--headroom", type=float, metavar="H",
+                     help="instead of ROC (--target-fpr, Youden's J): each threshold is the highest clean calibration score plus H "
+                          "times its distance to the clean median, just above the clean range whatever the fitting patches score, "
+                          "so that an adaptive attack has to look clean, not merely less than the patches (docs/method.md)")
+    fit.add_argument("--candidate-choice", choices=["clearance", "effect"], default="clearance",
+                     help="with --layered: how a flagged frame's keep-mask is chosen. clearance (default): the smallest mask whose "
+                          "re-pass is no longer flagged; effect: windows found by a search that does not read the evidence join the "
+                          "candidates, and the mask whose re-pass clears the flag and changes the output most wins (a decoy region "
+                          "the attacker makes look suspicious then loses to the patch); more re-passes per flagged frame")
     fit.add_argument("--layers", choices=["auto"],
                      help="auto: choose S and D on the training images (separability, localisation, cost of every candidate "
                           "layer down to 1/8 resolution); the evidence goes into the profile")

@@ -136,10 +136,11 @@ def analyze(
     """Heatmaps -> fusion block -> soft mask and score -> flag (``score > state.threshold``, or every
     image with ``gate=False``). Differentiable up to the scores; the flag and masks are not.
 
-    With ``state.extremes`` (clean statistics of channel maxima) the extreme score and the coverage
-    are computed too, and with ``state.extreme_threshold`` an image is also flagged when its extreme
-    score exceeds it. A score that is not finite (an input far outside the fitted range, say) is an
-    ``InputError``, never "not flagged"."""
+    With ``state.extremes`` (clean statistics of channel maxima) the extreme score is computed too
+    (and the coverage, when some image is flagged and the configuration masks with it), and with
+    ``state.extreme_threshold`` an image is also flagged when its extreme score exceeds it. A score
+    that is not finite (an input far outside the fitted range, say) is an ``InputError``, never
+    "not flagged"."""
     device = next(iter(activations.values())).device
     state = state.on_device(device)
     statistics, extremes = state.statistics, state.extremes
@@ -148,7 +149,6 @@ def analyze(
     heatmaps = compute_heatmaps(activations, statistics, config, refiner, per_layer)
     soft, score = fuse_and_score(state.fusion, heatmaps.shallow, heatmaps.deep, config.score)
     hyper = extreme_score(activations, extremes) if extremes else None
-    coverage = coverage_map(activations, extremes) if extremes and (config.extreme_mask or config.mask_candidates) else None
     _check_finite(score, hyper)
     margin = flag_margin(score, state.threshold, hyper, state.extreme_threshold) if state.threshold is not None else None
     if gate:
@@ -157,6 +157,9 @@ def analyze(
         flagged = flag(score, state.threshold, hyper, state.extreme_threshold)
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    # Only masking reads the coverage: a batch with nothing flagged (a clean frame) never pays for it.
+    wants_coverage = extremes and (config.extreme_mask or config.mask_candidates) and bool(flagged.any())
+    coverage = coverage_map(activations, extremes) if wants_coverage else None
     return Analysis(heatmaps, soft, score, flagged, (int(input_size[0]), int(input_size[1])), config.mask_threshold, config.mask_dilation,
                     hyper, coverage, config.extreme_mask, margin)
 

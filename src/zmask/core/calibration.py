@@ -1,4 +1,11 @@
-"""Choosing the detection threshold lambda0 by ROC analysis of clean vs patched scores."""
+"""Choosing the detection threshold lambda0: by ROC analysis of clean vs patched scores, or from
+the clean scores alone (:func:`clean_anchored_threshold`).
+
+ROC places the threshold in the gap between the clean scores and those of the patches at hand,
+often far above anything a clean image scores; an adaptive attacker then only has to bring its
+score under that threshold, not into the clean range. A clean-anchored threshold (``headroom``)
+sits just above the clean scores, whatever the patches score.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +60,23 @@ def negative_kind_labels(kinds, count: int) -> np.ndarray | None:
     return labels
 
 
-def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None, negative_kinds=None) -> Calibration:
+def clean_anchored_threshold(clean_scores, headroom: float) -> float:
+    """The highest clean score plus ``headroom`` times its distance to the clean median: the
+    threshold sits just above the clean range, the distance measured in the scores' own spread."""
+    clean = _as_scores(clean_scores, "clean_scores")
+    if not (np.isfinite(headroom) and headroom >= 0.0):
+        raise InputError(f"headroom={headroom} must be a finite number >= 0")
+    highest = float(clean.max())
+    return highest + float(headroom) * (highest - float(np.median(clean)))
+
+
+def _check_criterion(target_fpr: float | None, headroom: float | None) -> None:
+    if target_fpr is not None and headroom is not None:
+        raise InputError("give target_fpr (an ROC operating point) or headroom (a threshold from the clean scores alone), not both")
+
+
+def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None = None, negative_kinds=None,
+                        headroom: float | None = None) -> Calibration:
     """lambda0 such that ``score > lambda0`` flags an attack.
 
     Default criterion: Youden's J (max TPR - FPR). With ``target_fpr``, the operating point with
@@ -65,11 +88,19 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     rate - the threshold is the highest of the kinds' own thresholds - so that the false alarms
     the bound allows cannot all fall on the rarer kind. The reported FPR pools the kinds; Youden's
     J pools them too.
+
+    ``headroom`` (instead of an ROC criterion): :func:`clean_anchored_threshold` of the clean
+    scores (every kind pooled); the patched scores only give the reported TPR and AUC.
     """
     from sklearn.metrics import roc_curve
 
     clean = _as_scores(clean_scores, "clean_scores")
     patched = _as_scores(patched_scores, "patched_scores")
+    _check_criterion(target_fpr, headroom)
+    if headroom is not None:
+        threshold = clean_anchored_threshold(clean, headroom)
+        return Calibration(threshold, float((patched > threshold).mean()), float((clean > threshold).mean()), roc_auc(clean, patched),
+                           f"clean max + {headroom:g} x (max - median)")
     if target_fpr is not None and not 0.0 <= target_fpr <= 1.0:
         raise InputError(f"target_fpr={target_fpr} must lie in [0, 1]")
     kinds = negative_kind_labels(negative_kinds, clean.size)
@@ -110,7 +141,8 @@ def _candidate_thresholds(values: np.ndarray) -> np.ndarray:
 
 
 def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, target_fpr: float | None = None,
-                    second_fpr: float | None = None, negative_kinds=None) -> tuple[Calibration, Calibration, Calibration]:
+                    second_fpr: float | None = None, negative_kinds=None,
+                    headroom: float | None = None) -> tuple[Calibration, Calibration, Calibration]:
     """Thresholds (t1, t2) of the flag ``first > t1 or second > t2``, chosen together so that the
     false-alarm rate of the combination is what ``target_fpr`` bounds (two thresholds calibrated
     one by one would add their false alarms).
@@ -125,6 +157,9 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     score :func:`union_score`; the first score alone at t1; the second alone at t2).
     ``negative_kinds`` as in :func:`calibrate_threshold`: with ``target_fpr``, the combination's
     false-alarm rate is bounded for each kind of clean image (the reported FPR pools them).
+    ``headroom`` (instead of an ROC criterion): each threshold is the
+    :func:`clean_anchored_threshold` of its own clean scores, so that an attack must bring both
+    scores into the clean range, not just under the gap to the patches at hand.
     """
     clean = _as_scores(clean_scores, "clean_scores")
     patched = _as_scores(patched_scores, "patched_scores")
@@ -132,6 +167,9 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     patched2 = _as_scores(patched_second, "patched_second")
     if clean.size != clean2.size or patched.size != patched2.size:
         raise InputError("both scores must be given for the same clean and patched images")
+    _check_criterion(target_fpr, headroom)
+    if headroom is not None:
+        return _anchored_union(clean, patched, clean2, patched2, headroom)
     for name, rate in (("target_fpr", target_fpr), ("second_fpr", second_fpr)):
         if rate is not None and not 0.0 <= rate <= 1.0:
             raise InputError(f"{name}={rate} must lie in [0, 1]")
@@ -166,6 +204,23 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
                            union_score(patched, patched2, first_threshold, second_threshold))
     joint = Calibration(first_threshold, float(tpr[i, j]), float(fpr[i, j]), combined_auc, criterion)
+    first = Calibration(first_threshold, float((patched > first_threshold).mean()), float((clean > first_threshold).mean()),
+                        roc_auc(clean, patched), criterion)
+    second = Calibration(second_threshold, float((patched2 > second_threshold).mean()), float((clean2 > second_threshold).mean()),
+                         roc_auc(clean2, patched2), criterion)
+    return joint, first, second
+
+
+def _anchored_union(clean: np.ndarray, patched: np.ndarray, clean2: np.ndarray, patched2: np.ndarray,
+                    headroom: float) -> tuple[Calibration, Calibration, Calibration]:
+    """:func:`calibrate_union` with clean-anchored thresholds (same return value)."""
+    criterion = f"clean max + {headroom:g} x (max - median)"
+    first_threshold, second_threshold = clean_anchored_threshold(clean, headroom), clean_anchored_threshold(clean2, headroom)
+    clean_flags = (clean > first_threshold) | (clean2 > second_threshold)
+    patched_flags = (patched > first_threshold) | (patched2 > second_threshold)
+    combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
+                           union_score(patched, patched2, first_threshold, second_threshold))
+    joint = Calibration(first_threshold, float(patched_flags.mean()), float(clean_flags.mean()), combined_auc, criterion)
     first = Calibration(first_threshold, float((patched > first_threshold).mean()), float((clean > first_threshold).mean()),
                         roc_auc(clean, patched), criterion)
     second = Calibration(second_threshold, float((patched2 > second_threshold).mean()), float((clean2 > second_threshold).mean()),

@@ -3,15 +3,24 @@
 A patch that suppresses its own spatial Z-score heat leaves Z-Mask's soft mask empty while the
 channel-extreme evidence still fires; masking the whole extreme coverage spreads far beyond the
 patch. So a flagged frame gets a few candidate keep-masks, each is tried by re-running the
-network (:meth:`zmask.ZMask.forward`), and :func:`better_candidate` picks one: the smallest mask
-whose re-pass is no longer flagged (:func:`zmask.core.analysis.flag_margin` <= 0), or, when none
-clears the flag, the one whose re-pass comes closest. The candidates, in order (ties go to the
-earlier one):
+network (:meth:`zmask.ZMask.forward`), and :func:`better_candidate` picks one. The candidates, in
+order (ties go to the earlier one):
 
 1. the Z-Mask keep-mask of Eq. 4 (the paper's choice);
 2. the bounding boxes of the largest connected regions of the channel-extreme coverage map;
 3. windows of the patch sizes the profile was fitted for (``ZMaskConfig.candidate_windows``),
-   centred where the soft mask, and where the coverage, is densest at that size.
+   centred where the soft mask, and where the coverage, is densest at that size;
+4. with ``candidate_choice="effect"``, windows the evidence does not place: the image is covered
+   by windows twice the largest patch size (:func:`search_boxes`; every patch of that size lies
+   wholly inside one), the one whose removal changes the output most is kept, and windows of the
+   patch sizes tile it (:func:`windows_within`).
+
+Two rules choose (:func:`better_candidate`): "clearance", the smallest mask whose re-pass is no
+longer flagged (:func:`zmask.core.analysis.flag_margin` <= 0), else the lowest margin; "effect",
+among the masks whose re-pass is no longer flagged the one that changes the output most
+(:mod:`zmask.core.effect`), else the lowest margin. Evidence can be steered by the attacker
+(a decoy made to look hot clears the flag as well as the patch does); the effect of removing the
+patch is the attack itself.
 
 Pure functions of one analysis; the re-passes and the choice are the defense's.
 """
@@ -19,6 +28,7 @@ Pure functions of one analysis; the re-passes and the choice are the defense's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +38,60 @@ from .masking import MaskEvidence, dilate_mask
 Box = tuple[int, int, int, int]  # top, left, bottom, right in input pixels (bottom/right exclusive)
 
 
-def better_candidate(candidate: tuple[float, float], incumbent: tuple[float, float]) -> bool:
-    """Whether a candidate (re-pass flag margin, masked area) beats the incumbent: a re-pass that
-    clears the flag (margin <= 0) beats one that does not; between two that clear it the smaller
-    mask wins (the least occlusion that removes the evidence: masking more of the scene would
-    always look clean, and costs the task); between two that do not, the lower margin. Equal is
-    not better, so the earlier candidate keeps a tie."""
-    (margin, area), (best_margin, best_area) = candidate, incumbent
-    clears, best_clears = margin <= 0.0, best_margin <= 0.0
+class Trial(NamedTuple):
+    """What one candidate's re-pass showed: its flag margin, the masked area (input pixels) and,
+    for the "effect" rule, how much the output changed (:func:`zmask.core.effect.output_change`)."""
+
+    margin: float
+    area: float
+    change: float = 0.0
+
+
+def better_candidate(candidate: tuple[float, ...], incumbent: tuple[float, ...], choice: str = "clearance") -> bool:
+    """Whether a candidate :class:`Trial` beats the incumbent: a re-pass that clears the flag
+    (margin <= 0) beats one that does not; between two that do not, the lower margin. Between two
+    that clear it, "clearance" takes the smaller mask (the least occlusion that removes the
+    evidence: masking more of the scene would always look clean, and costs the task) and
+    "effect" the larger change of the output, then the smaller mask. Equal is not better, so the
+    earlier candidate keeps a tie."""
+    new, best = Trial(*candidate), Trial(*incumbent)
+    clears, best_clears = new.margin <= 0.0, best.margin <= 0.0
     if clears != best_clears:
         return clears
-    return area < best_area if clears else margin < best_margin
+    if not clears:
+        return new.margin < best.margin
+    if choice == "effect" and new.change != best.change:
+        return new.change > best.change
+    return new.area < best.area
+
+
+def tile_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts of ``window`` in ``length``, evenly spread from 0 to ``length - window``, no two
+    consecutive ones more than ``stride`` apart."""
+    if window >= length:
+        return [0]
+    count = -(-(length - window) // max(1, stride)) + 1
+    return [round(k * (length - window) / (count - 1)) for k in range(count)]
+
+
+def cover(window: tuple[int, int], area: Box, stride: tuple[int, int]) -> list[Box]:
+    """Windows of ``window`` (clipped to the area) tiling the box ``area``, row-major."""
+    top, left, bottom, right = area
+    height, width = min(window[0], bottom - top), min(window[1], right - left)
+    return [(top + row, left + col, top + row + height, left + col + width)
+            for row in tile_starts(bottom - top, height, stride[0]) for col in tile_starts(right - left, width, stride[1])]
+
+
+def search_boxes(windows: Sequence[tuple[int, int]], input_size: tuple[int, int]) -> list[Box]:
+    """The search windows of the "effect" rule: twice the largest of ``windows``, spaced by at most
+    that window, so that every patch of that size lies wholly inside one of them."""
+    height, width = max(windows, key=lambda hw: (hw[0] * hw[1], hw))
+    return cover((2 * height, 2 * width), (0, 0, *input_size), (height, width))
+
+
+def windows_within(box: Box, windows: Sequence[tuple[int, int]]) -> list[Box]:
+    """Windows of each size of ``windows`` tiling ``box`` at half their size."""
+    return [inner for window in windows for inner in cover(window, box, (-(-window[0] // 2), -(-window[1] // 2)))]
 
 
 def region_boxes(coverage: torch.Tensor, max_regions: int) -> list[Box]:
@@ -84,9 +137,10 @@ def box_keep_mask(box: Box, input_size: tuple[int, int], dilation: int = 0, devi
 
 
 def candidate_keep_masks(analysis: MaskEvidence, keep: torch.Tensor, image: int, windows: Sequence[tuple[int, int]],
-                         max_regions: int) -> torch.Tensor:
+                         max_regions: int, extra_boxes: Sequence[Box] = ()) -> torch.Tensor:
     """K x 1 x H x W candidate keep-masks of image ``image`` of a flagged batch (``keep``: the
-    batch's Eq. 4 keep-masks), duplicates removed, the Z-Mask keep-mask first."""
+    batch's Eq. 4 keep-masks), then ``extra_boxes`` (input pixels), duplicates removed, the
+    Z-Mask keep-mask first."""
     size = (int(analysis.input_size[0]), int(analysis.input_size[1]))
     candidates = [keep[image]]
     dilation = analysis.mask_dilation
@@ -98,6 +152,7 @@ def candidate_keep_masks(analysis: MaskEvidence, keep: torch.Tensor, image: int,
     for window in windows:
         window = (min(int(window[0]), size[0]), min(int(window[1]), size[1]))
         candidates += [box_keep_mask(peak_window(heat, window, size), size, dilation, keep.device) for heat in heats]
+    candidates += [box_keep_mask(box, size, dilation, keep.device) for box in extra_boxes]
     unique: list[torch.Tensor] = []
     for candidate in candidates:
         if not any(torch.equal(candidate, seen) for seen in unique):

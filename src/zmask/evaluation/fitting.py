@@ -46,7 +46,11 @@ class FitPlan:
     ``layered``: beyond the paper, layered evidence - the channel-extreme score of every analysed
     layer joins the Z-Mask score in one flag whose thresholds are calibrated together, and a
     flagged frame's keep-mask is chosen among candidates (Eq. 4's, coverage regions, windows of
-    the patches' sizes) by re-running each (``ZMaskConfig.mask_candidates``)."""
+    the patches' sizes) by re-running each (``ZMaskConfig.mask_candidates``), by the rule
+    ``candidate_choice`` (``ZMaskConfig.candidate_choice``).
+    ``headroom``: instead of ROC, each threshold sits just above the clean calibration scores
+    (:func:`~zmask.core.calibration.clean_anchored_threshold`), so that an adaptive attack has to
+    bring its scores into the clean range, not only under the gap to the fitting patches."""
 
     statistics_images: int = 120
     fusion_images: int = 120
@@ -65,6 +69,8 @@ class FitPlan:
     max_overhead: float | None = None
     heatmap_candidates: tuple[tuple[int, int], ...] = ()
     layered: bool = False
+    candidate_choice: str = "clearance"
+    headroom: float | None = None
 
 
 def training_shares(dataset: Dataset, plan: FitPlan) -> tuple[Subset, Subset, Subset]:
@@ -157,7 +163,8 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
         config = config.at_heatmap(cost.chosen)
     if plan.layered:
         windows = tuple(dict.fromkeys((int(p.shape[-2]), int(p.shape[-1])) for p in patches))[:MAX_CANDIDATE_WINDOWS]
-        config = config.replace(extreme_layers=config.layers, mask_candidates=True, candidate_windows=windows)
+        config = config.replace(extreme_layers=config.layers, mask_candidates=True, candidate_windows=windows,
+                                candidate_choice=plan.candidate_choice)
     defense = ZMask(model, config, seed=plan.seed)
     defense.fit_statistics(image_batches(statistics_set, plan.batch_size), progress=progress)
     fusion_data = patched_batches(fusion_set, patches, plan.batch_size, plan.eot, plan.seed + 1, placements=plan.placements,
@@ -165,16 +172,18 @@ def fit_zmask(model: torch.nn.Module, config: ZMaskConfig, dataset: Dataset, pat
     history = defense.fit_fusion(fusion_data, plan.fusion, progress=progress)
     calibration_data = patched_batches(calibration_set, patches, plan.batch_size, plan.eot, plan.seed + 2, placements=plan.placements,
                                        hard_negatives=plan.hard_negatives, mark_occluders=True)
-    calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress, calibrate_mask=plan.calibrate_mask)
+    calibration = defense.calibrate(calibration_data, target_fpr=plan.target_fpr, progress=progress, calibrate_mask=plan.calibrate_mask,
+                                    headroom=plan.headroom)
     report = {
         "statistics_images": len(statistics_set), "fusion_images": len(fusion_set), "calibration_images": len(calibration_set),
         "fusion_loss_first_last": [history[0], history[-1]], "threshold": calibration.threshold,
         "calibration": calibration.__dict__, "patches": len(patches), "placements": plan.placements,
-        "target_fpr": plan.target_fpr, "hard_negatives": plan.hard_negatives,
+        "target_fpr": plan.target_fpr, "headroom": plan.headroom, "hard_negatives": plan.hard_negatives,
         "mask_threshold": defense.config.mask_threshold, "calibrate_mask": plan.calibrate_mask,
         "calibration_mask_iou": defense.state.calibration_mask_iou,
         "shallow_layers": list(config.shallow_layers), "deep_layers": list(config.deep_layers),
         "heatmap_size": list(config.heatmap_size), "layered": plan.layered,
+        "candidate_choice": config.candidate_choice,
     }
     if defense.state.extreme_calibration is not None:
         report["extreme_calibration"] = defense.state.extreme_calibration.__dict__
