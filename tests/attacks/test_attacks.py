@@ -213,13 +213,16 @@ def layered_setup(toy_setup):
     return model, layered, data
 
 
-def test_end_to_end_follows_the_candidate_the_defense_chooses(layered_setup):
-    """Against a defense that chooses among keep-masks, the end-to-end term is the task loss of the
-    defended output (the same chosen re-pass), and its gradient still reaches the images."""
+@pytest.mark.parametrize("choice", ["clearance", "effect"])
+def test_end_to_end_follows_the_candidate_the_defense_chooses(layered_setup, choice):
+    """Against a defense that chooses among keep-masks (by either rule), the end-to-end term is the
+    task loss of the defended output (the same chosen re-pass), and its gradient still reaches the
+    images."""
     from zmask.attacks import ADAPTIVE_OBJECTIVES
     from zmask.contracts import AttackContext
 
-    model, defense, data = layered_setup
+    model, layered, data = layered_setup
+    defense = ZMask(model, layered.config.replace(candidate_choice=choice), layered.state)
     task = SegmentationTask(model, 4, 255)
     images, masks = patched_batch(4, seed=42, size=24)
     batch = task.collate([{"image": image, "label": item["label"]} for image, item in zip(images, data)])
