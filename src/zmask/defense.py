@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import ZMaskConfig
 from .core.analysis import Analysis, Heatmaps, analyze
 from .core.calibration import Calibration, calibrate_threshold, calibrate_union
-from .core.candidates import Box, Trial, better_candidate, box_keep_mask, candidate_keep_masks, search_boxes, windows_within
+from .core.candidates import Trial, better_candidate, candidate_keep_masks, search_windows
 from .core.capture import ActivationCapture, RepeatPolicy, resolve_modules, run_and_capture
 from .core.effect import output_change
 from .core.extremes import ExtremeAccumulator
@@ -284,34 +284,30 @@ class ZMask(nn.Module):
 
     def _best_candidates(self, images: torch.Tensor, output: Any, analysis: Analysis, index: torch.Tensor) -> Any:
         """Evidence-guided masking: re-run the flagged images ``index`` once per candidate keep-mask
-        (:func:`~zmask.core.candidates.candidate_keep_masks`), in batches no larger than the input
-        batch, keep for each image the candidate :func:`~zmask.core.candidates.better_candidate`
-        prefers under ``config.candidate_choice``, and return those re-passes' outputs. With the
-        "effect" rule a search stage comes first: the windows of
-        :func:`~zmask.core.candidates.search_boxes` are re-run, and the patch-size windows inside
-        the one whose removal changed ``output`` (the first pass) most join the candidates. Sets
-        ``analysis.keep_mask``, ``patch_mask`` (the chosen box where a box won) and ``candidate``."""
-        if self.state.threshold is None:
+        (:func:`~zmask.core.candidates.candidate_keep_masks`; with the "effect" rule also the
+        evidence-free windows of :func:`~zmask.core.candidates.search_windows`), in batches no
+        larger than the input batch, keep for each image the candidate
+        :func:`~zmask.core.candidates.better_candidate` prefers under ``config.candidate_choice``,
+        and return those re-passes' outputs. The "effect" rule measures each re-pass against
+        ``output`` (the first pass). Sets ``analysis.keep_mask``, ``patch_mask`` (the chosen box
+        where a box won) and ``candidate``."""
+        if self.state.threshold is None or analysis.margin is None:
             raise NotFittedError("choosing among keep-mask candidates needs lambda0: calibrate the defense first")
         config, keep = self.config, analysis.keep_mask
         size = (int(images.shape[-2]), int(images.shape[-1]))
         by_effect = config.candidate_choice == "effect"
+        searched = search_windows(config.candidate_windows, size) if by_effect else []
+        per_image = [candidate_keep_masks(analysis, keep, int(i), config.candidate_windows, config.candidate_regions, searched)
+                     for i in index.tolist()]
         before = take_outputs(output, index) if by_effect else None
-        extra: list[list[Box]] = [[] for _ in range(len(index))]
-        if by_effect:
-            searched = search_boxes(config.candidate_windows, size)
-            search_masks = torch.stack([box_keep_mask(box, size, analysis.mask_dilation, keep.device) for box in searched])
-            most_change, chosen = [-1.0] * len(index), [0] * len(index)
-            for slot, position, trial, _ in self._rerun(images, index, before, [search_masks] * len(index), with_margin=False):
-                if trial.change > most_change[slot]:  # ties keep the earlier window
-                    most_change[slot], chosen[slot] = trial.change, position % len(searched)
-            extra = [windows_within(searched[window], config.candidate_windows) for window in chosen]
-        per_image = [candidate_keep_masks(analysis, keep, int(i), config.candidate_windows, config.candidate_regions, boxes)
-                     for i, boxes in zip(index.tolist(), extra)]
+        first_margins = analysis.margin[index].tolist()
+        largest_area = max((h * w for h, w in config.candidate_windows), default=0)
         best: list[Trial | None] = [None] * len(per_image)
         best_position = [0] * len(per_image)
         best_output: list[Any] = [None] * len(per_image)
-        for slot, position, trial, rerun in self._rerun(images, index, before, per_image, with_margin=True):
+        for slot, position, trial, rerun in self._rerun(images, index, before, per_image):
+            if by_effect:  # may win on its effect only if it removed some evidence and hides at most twice the largest patch
+                trial = trial._replace(eligible=trial.margin < first_margins[slot] and trial.area <= 2 * largest_area)
             incumbent = best[slot]
             if incumbent is None or better_candidate(trial, incumbent, config.candidate_choice):  # ties keep the earlier one
                 best[slot], best_position[slot], best_output[slot] = trial, position, rerun
@@ -327,13 +323,13 @@ class ZMask(nn.Module):
         analysis.keep_mask, analysis.patch_mask, analysis.candidate = updated_keep, updated_patch, candidate
         return concat_outputs(best_output)
 
-    def _rerun(self, images: torch.Tensor, index: torch.Tensor, before: Any, per_image: list[torch.Tensor],
-               with_margin: bool) -> Iterator[tuple[int, int, Trial, Any]]:
+    def _rerun(self, images: torch.Tensor, index: torch.Tensor, before: Any,
+               per_image: list[torch.Tensor]) -> Iterator[tuple[int, int, Trial, Any]]:
         """Re-run image ``index[slot]`` masked by each of ``per_image[slot]`` (K_slot x 1 x H x W),
         in batches of the input batch's size (peak memory as for the input, whatever the number of
         candidates); yields (slot, position among all candidates, :class:`Trial`, that re-pass's
         output). The trial's change is measured against ``before`` (the first pass's outputs of
-        ``index``) when given; its margin only ``with_margin`` (else 0)."""
+        ``index``) when given, else 0."""
         owners = [slot for slot, candidates in enumerate(per_image) for _ in range(len(candidates))]
         stacked = torch.cat(per_image)
         areas = (1.0 - stacked).flatten(1).sum(1).tolist()
@@ -343,16 +339,12 @@ class ZMask(nn.Module):
             part = list(range(start, min(start + step, len(owners))))
             slots = torch.tensor([owners[p] for p in part], dtype=torch.long, device=index.device)
             masks = stacked[torch.tensor(part, device=stacked.device)]
-            if with_margin:
-                rerun, activations = self.capture(self.apply_mask(images[index[slots]], masks))
-                margins = self.analyze(activations, size, gate=False).margin
-                assert margins is not None  # lambda0 is set
-                margin_list = margins.tolist()
-            else:
-                rerun, margin_list = self.model(self.apply_mask(images[index[slots]], masks)), [0.0] * len(part)
+            rerun, activations = self.capture(self.apply_mask(images[index[slots]], masks))
+            margins = self.analyze(activations, size, gate=False).margin
+            assert margins is not None  # lambda0 is set
             changes = output_change(take_outputs(before, slots), rerun, masks).tolist() if before is not None else [0.0] * len(part)
-            for offset, position in enumerate(part):
-                trial = Trial(float(margin_list[offset]), areas[position], float(changes[offset]))
+            for offset, (position, margin) in enumerate(zip(part, margins.tolist())):
+                trial = Trial(float(margin), areas[position], float(changes[offset]))
                 yield owners[position], position, trial, take_outputs(rerun, torch.tensor([offset], device=slots.device))
 
     # ------------------------------------------------------------------ persistence

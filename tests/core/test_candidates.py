@@ -7,7 +7,7 @@ import torch
 
 from zmask import ConfigError, ZMask
 from zmask.core.candidates import (better_candidate, box_keep_mask, candidate_keep_masks, peak_window, region_boxes, scale_box,
-                                   search_boxes, windows_within)
+                                   search_windows)
 from zmask.core.effect import output_change
 from zmask.core.masking import mask_iou
 
@@ -128,33 +128,32 @@ def test_the_smallest_mask_that_clears_the_flag_wins():
     assert not better_candidate((-0.5, 100.0), (-0.5, 100.0))  # a tie keeps the incumbent
 
 
-def test_the_effect_rule_prefers_the_clearing_mask_that_changes_the_output_most():
-    assert better_candidate((-0.1, 400.0, 0.3), (-0.9, 100.0, 0.1), "effect")  # both clear: the larger change
-    assert not better_candidate((-0.9, 100.0, 0.1), (-0.1, 400.0, 0.3), "effect")
-    assert better_candidate((-0.1, 100.0, 0.3), (-0.1, 400.0, 0.3), "effect")  # same change: the smaller mask
-    assert better_candidate((-0.1, 900.0, 0.0), (0.2, 10.0, 0.9), "effect")  # clearing still comes first
-    assert better_candidate((0.3, 900.0, 0.0), (0.5, 10.0, 0.9), "effect")  # neither clears: the lower margin
-    assert not better_candidate((-0.5, 100.0, 0.2), (-0.5, 100.0, 0.2), "effect")
+def test_the_effect_rule_prefers_the_eligible_mask_that_changes_the_output_most():
+    # (margin, area, change, eligible)
+    assert better_candidate((0.4, 400.0, 0.3, True), (-0.9, 100.0, 0.1, True), "effect")  # the larger change, cleared or not
+    assert not better_candidate((-0.9, 100.0, 0.1, True), (0.4, 400.0, 0.3, True), "effect")
+    assert better_candidate((-0.1, 100.0, 0.3, True), (-0.1, 400.0, 0.3, True), "effect")  # same change: the smaller mask
+    assert better_candidate((5.0, 900.0, 0.0, True), (-0.2, 10.0, 0.9, False), "effect")  # eligibility comes first
+    assert better_candidate((0.3, 900.0, 0.0, False), (0.5, 10.0, 0.9, False), "effect")  # neither: the lower margin
+    assert not better_candidate((-0.5, 100.0, 0.2, True), (-0.5, 100.0, 0.2, True), "effect")
 
 
 @pytest.mark.parametrize("window, size", [((105, 141), (360, 480)), ((32, 32), (96, 128)), ((50, 70), (60, 80)), ((8, 8), (8, 30))])
-def test_every_patch_of_the_window_size_lies_inside_a_search_box(window, size):
-    boxes = search_boxes([window, (window[0] // 2, window[1] // 2)], size)
+def test_every_patch_of_the_window_size_is_mostly_covered_by_a_search_window(window, size):
+    boxes = search_windows([window, (window[0] // 2, window[1] // 2)], size)
+    assert len(boxes) <= 64 and len(set(boxes)) == len(boxes)
     assert all(0 <= top < bottom <= size[0] and 0 <= left < right <= size[1] for top, left, bottom, right in boxes)
-    for row in range(0, size[0] - window[0] + 1):
-        for col in range(0, size[1] - window[1] + 1):
-            assert any(top <= row and left <= col and row + window[0] <= bottom and col + window[1] <= right
-                       for top, left, bottom, right in boxes), (row, col)
-    inner = windows_within(boxes[0], [window])
-    top, left, bottom, right = boxes[0]
-    assert all(top <= t and l >= left and b <= bottom and r <= right for t, l, b, r in inner)
-    covered = torch.zeros(*size)
-    for t, l, b, r in inner:
-        covered[t:b, l:r] = 1
-    assert covered[top:bottom, left:right].all()  # the windows tile their search box
+    assert all((bottom - top, right - left) == (min(window[0], size[0]), min(window[1], size[1])) for top, left, bottom, right in boxes)
+    for row in range(0, size[0] - window[0] + 1, 3):
+        for col in range(0, size[1] - window[1] + 1, 3):
+            best = max(max(0, min(row + window[0], b) - max(row, t)) * max(0, min(col + window[1], r) - max(col, l))
+                       for t, l, b, r in boxes)
+            assert best >= 0.56 * window[0] * window[1] - 1e-9, (row, col)  # at most a quarter off on each side
+    many = search_windows([(4, 4)], (200, 200))
+    assert len(many) <= 64  # the stride grows rather than the number of re-passes
 
 
-def test_the_effect_choice_reprocesses_with_the_clearing_candidate_of_largest_output_change():
+def test_the_effect_choice_reprocesses_with_the_eligible_candidate_of_largest_output_change():
     defense = _layered_toy()
     defense.config = defense.config.replace(candidate_choice="effect")
     images, masks = patched_batch(3, seed=321)
@@ -167,22 +166,18 @@ def test_the_effect_choice_reprocesses_with_the_clearing_candidate_of_largest_ou
         assert len(index) > 0
         chosen = defense.apply_mask(images[index], analysis.keep_mask[index])
         assert torch.allclose(result.output[index], defense.model(chosen), atol=1e-6)
-        keep = defense.detect(images, gate=True).keep_mask
-        searched = search_boxes(defense.config.candidate_windows, size)
+        gated = defense.detect(images, gate=True)
+        searched = search_windows(defense.config.candidate_windows, size)
+        largest = max(h * w for h, w in defense.config.candidate_windows)
         for image in index.tolist():
-            search_masks = torch.stack([box_keep_mask(box, size) for box in searched])
-            repeated = images[image:image + 1].expand(len(searched), -1, -1, -1)
-            changes = output_change(first[image:image + 1].expand(len(searched), -1, -1, -1),
-                                    defense.model(defense.apply_mask(repeated, search_masks)), search_masks)
-            inside = windows_within(searched[int(changes.argmax())], defense.config.candidate_windows)
-            candidates = candidate_keep_masks(analysis, keep, image, defense.config.candidate_windows, defense.config.candidate_regions,
-                                              inside)
+            candidates = candidate_keep_masks(analysis, gated.keep_mask, image, defense.config.candidate_windows,
+                                              defense.config.candidate_regions, searched)
             masked = defense.apply_mask(images[image:image + 1].expand(len(candidates), -1, -1, -1), candidates)
             rerun, activations = defense.capture(masked)
             margins = defense.analyze(activations, size, gate=False).margin.tolist()
             change = output_change(first[image:image + 1].expand(len(candidates), -1, -1, -1), rerun, candidates).tolist()
             areas = (1 - candidates).flatten(1).sum(1).tolist()
-            clearing = [k for k, m in enumerate(margins) if m <= 0]
-            expected = (min(clearing, key=lambda k: (-change[k], areas[k], k)) if clearing
+            eligible = [k for k in range(len(candidates)) if margins[k] < float(gated.margin[image]) and areas[k] <= 2 * largest]
+            expected = (min(eligible, key=lambda k: (-change[k], areas[k], k)) if eligible
                         else min(range(len(margins)), key=lambda k: (margins[k], k)))
             assert int(analysis.candidate[image]) == expected

@@ -158,8 +158,8 @@ def analyze(
     else:
         flagged = torch.ones(score.shape, dtype=torch.bool, device=score.device)
     # Only masking reads the coverage: a batch with nothing flagged (a clean frame) never pays for it.
-    wants_coverage = extremes and (config.extreme_mask or config.mask_candidates) and bool(flagged.any())
-    coverage = coverage_map(activations, extremes) if wants_coverage else None
+    masks_with_coverage = config.extreme_mask or config.mask_candidates
+    coverage = coverage_map(activations, extremes) if extremes and masks_with_coverage and bool(flagged.any()) else None
     return Analysis(heatmaps, soft, score, flagged, (int(input_size[0]), int(input_size[1])), config.mask_threshold, config.mask_dilation,
                     hyper, coverage, config.extreme_mask, margin)
 

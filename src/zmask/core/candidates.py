@@ -10,17 +10,17 @@ order (ties go to the earlier one):
 2. the bounding boxes of the largest connected regions of the channel-extreme coverage map;
 3. windows of the patch sizes the profile was fitted for (``ZMaskConfig.candidate_windows``),
    centred where the soft mask, and where the coverage, is densest at that size;
-4. with ``candidate_choice="effect"``, windows the evidence does not place: the image is covered
-   by windows twice the largest patch size (:func:`search_boxes`; every patch of that size lies
-   wholly inside one), the one whose removal changes the output most is kept, and windows of the
-   patch sizes tile it (:func:`windows_within`).
+4. with ``candidate_choice="effect"``, windows the evidence does not place: the image tiled by
+   windows of the largest patch size at half their size (:func:`search_windows`), so that every
+   patch of that size is mostly covered by one of them.
 
 Two rules choose (:func:`better_candidate`): "clearance", the smallest mask whose re-pass is no
 longer flagged (:func:`zmask.core.analysis.flag_margin` <= 0), else the lowest margin; "effect",
-among the masks whose re-pass is no longer flagged the one that changes the output most
-(:mod:`zmask.core.effect`), else the lowest margin. Evidence can be steered by the attacker
-(a decoy made to look hot clears the flag as well as the patch does); the effect of removing the
-patch is the attack itself.
+among the masks that remove some of the evidence (the re-pass's margin is below the first pass's)
+and hide at most twice the largest patch, the one whose removal changes the output most
+(:mod:`zmask.core.effect`), else the lowest margin. Evidence can be steered by the attacker (a
+decoy made to look hot, a patch whose removal still leaves a little evidence under a tight
+threshold); the effect of removing the patch is the attack itself.
 
 Pure functions of one analysis; the re-passes and the choice are the defense's.
 """
@@ -40,29 +40,38 @@ Box = tuple[int, int, int, int]  # top, left, bottom, right in input pixels (bot
 
 class Trial(NamedTuple):
     """What one candidate's re-pass showed: its flag margin, the masked area (input pixels) and,
-    for the "effect" rule, how much the output changed (:func:`zmask.core.effect.output_change`)."""
+    for the "effect" rule, how much the output changed (:func:`zmask.core.effect.output_change`)
+    and whether the candidate may win on that change (``eligible``: it removed some of the
+    evidence and hides no more than twice the largest patch)."""
 
     margin: float
     area: float
     change: float = 0.0
+    eligible: bool = True
 
 
-def better_candidate(candidate: tuple[float, ...], incumbent: tuple[float, ...], choice: str = "clearance") -> bool:
-    """Whether a candidate :class:`Trial` beats the incumbent: a re-pass that clears the flag
-    (margin <= 0) beats one that does not; between two that do not, the lower margin. Between two
-    that clear it, "clearance" takes the smaller mask (the least occlusion that removes the
-    evidence: masking more of the scene would always look clean, and costs the task) and
-    "effect" the larger change of the output, then the smaller mask. Equal is not better, so the
-    earlier candidate keeps a tie."""
+def better_candidate(candidate: tuple, incumbent: tuple, choice: str = "clearance") -> bool:
+    """Whether a candidate :class:`Trial` beats the incumbent.
+
+    "clearance": a re-pass that clears the flag (margin <= 0) beats one that does not; between two
+    that clear it the smaller mask (the least occlusion that removes the evidence: masking more of
+    the scene would always look clean, and costs the task); between two that do not, the lower
+    margin. "effect": an eligible candidate beats an ineligible one; between two eligible ones the
+    larger change of the output, then the smaller mask; between two ineligible ones the lower
+    margin. Equal is not better, so the earlier candidate keeps a tie."""
     new, best = Trial(*candidate), Trial(*incumbent)
+    if choice == "effect":
+        if new.eligible != best.eligible:
+            return new.eligible
+        if not new.eligible:
+            return new.margin < best.margin
+        if new.change != best.change:
+            return new.change > best.change
+        return new.area < best.area
     clears, best_clears = new.margin <= 0.0, best.margin <= 0.0
     if clears != best_clears:
         return clears
-    if not clears:
-        return new.margin < best.margin
-    if choice == "effect" and new.change != best.change:
-        return new.change > best.change
-    return new.area < best.area
+    return new.area < best.area if clears else new.margin < best.margin
 
 
 def tile_starts(length: int, window: int, stride: int) -> list[int]:
@@ -82,16 +91,20 @@ def cover(window: tuple[int, int], area: Box, stride: tuple[int, int]) -> list[B
             for row in tile_starts(bottom - top, height, stride[0]) for col in tile_starts(right - left, width, stride[1])]
 
 
-def search_boxes(windows: Sequence[tuple[int, int]], input_size: tuple[int, int]) -> list[Box]:
-    """The search windows of the "effect" rule: twice the largest of ``windows``, spaced by at most
-    that window, so that every patch of that size lies wholly inside one of them."""
+MAX_SEARCH_WINDOWS = 64  # re-passes the evidence-free search may add to a flagged frame
+
+
+def search_windows(windows: Sequence[tuple[int, int]], input_size: tuple[int, int], max_windows: int = MAX_SEARCH_WINDOWS) -> list[Box]:
+    """The evidence-free candidates of the "effect" rule: the image tiled by windows of the
+    largest of ``windows``, spaced by at most half their size (more when that would make more
+    than ``max_windows``), so that every patch of that size is mostly covered by one of them."""
     height, width = max(windows, key=lambda hw: (hw[0] * hw[1], hw))
-    return cover((2 * height, 2 * width), (0, 0, *input_size), (height, width))
-
-
-def windows_within(box: Box, windows: Sequence[tuple[int, int]]) -> list[Box]:
-    """Windows of each size of ``windows`` tiling ``box`` at half their size."""
-    return [inner for window in windows for inner in cover(window, box, (-(-window[0] // 2), -(-window[1] // 2)))]
+    stride = [-(-height // 2), -(-width // 2)]
+    while True:
+        boxes = cover((height, width), (0, 0, *input_size), (stride[0], stride[1]))
+        if len(boxes) <= max_windows:
+            return boxes
+        stride = [stride[0] + -(-stride[0] // 4), stride[1] + -(-stride[1] // 4)]
 
 
 def region_boxes(coverage: torch.Tensor, max_regions: int) -> list[Box]:
