@@ -87,11 +87,12 @@ class ZMaskConfig:
         candidate_regions: at most this many coverage regions become candidates.
         candidate_choice: how the candidate is chosen (``zmask.core.candidates.better_candidate``):
             "clearance" (the default), the smallest mask whose re-pass is no longer flagged;
-            "effect", beyond that, windows found by a search that does not read the evidence
-            join the candidates, and among the masks whose re-pass is no longer flagged the one
-            whose removal changes the model's output most wins (``zmask.core.effect``): a decoy
-            the attacker makes look suspicious loses to the patch unless removing it changes the
-            prediction more than removing the patch. Costs more re-passes per flagged frame.
+            "effect", windows tiling the image (found without reading the evidence) join the
+            candidates, and among those that remove some of the evidence and hide at most twice
+            the largest patch the one whose removal changes the model's output most wins
+            (``zmask.core.effect``): a decoy the attacker makes look suspicious loses to the patch
+            unless removing it changes the prediction more than removing the patch. Costs more
+            re-passes per flagged frame.
         box_method: "auto" picks per layer the cheaper of the summed-area table and the separable
             matrices; "table"/"separable" force one (results agree to float32 round-off).
         chunk_elements: the refinement processes as many channels at once as fit this many values
