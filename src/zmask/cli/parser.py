@@ -205,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "so that an adaptive attack has to look clean, not merely less than the patches (docs/method.md)")
     fit.add_argument("--candidate-choice", choices=["clearance", "effect"], default="clearance",
                      help="with --layered: how a flagged frame's keep-mask is chosen. clearance (default): the smallest mask whose "
-                          "re-pass is no longer flagged; effect: windows found by a search that does not read the evidence join the "
-                          "candidates, and the mask whose re-pass clears the flag and changes the output most wins (a decoy region "
-                          "the attacker makes look suspicious then loses to the patch); more re-passes per flagged frame")
+                          "re-pass is no longer flagged; effect: windows tiling the image (placed without reading the evidence) join "
+                          "the candidates, and among masks that remove some evidence and hide at most twice the largest patch the "
+                          "one whose re-pass changes the output most wins (a decoy region the attacker makes look suspicious then "
+                          "loses to the patch); more re-passes per flagged frame")
     fit.add_argument("--layers", choices=["auto"],
                      help="auto: choose S and D on the training images (separability, localisation, cost of every candidate "
                           "layer down to 1/8 resolution); the evidence goes into the profile")

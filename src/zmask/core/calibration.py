@@ -70,6 +70,27 @@ def clean_anchored_threshold(clean_scores, headroom: float) -> float:
     return highest + float(headroom) * (highest - float(np.median(clean)))
 
 
+def _operating_point(clean: np.ndarray, patched: np.ndarray, threshold: float, criterion: str) -> Calibration:
+    """What ``score > threshold`` does on the calibration scores."""
+    return Calibration(threshold, float((patched > threshold).mean()), float((clean > threshold).mean()), roc_auc(clean, patched), criterion)
+
+
+def _union_operating_point(clean: np.ndarray, patched: np.ndarray, clean2: np.ndarray, patched2: np.ndarray, first_threshold: float,
+                           second_threshold: float, criterion: str) -> tuple[Calibration, Calibration, Calibration]:
+    """What ``first > t1 or second > t2`` does on the calibration scores: (the combination, whose
+    threshold is t1 and whose AUC is that of :func:`union_score`; the first score alone; the second)."""
+    clean_flags = (clean > first_threshold) | (clean2 > second_threshold)
+    patched_flags = (patched > first_threshold) | (patched2 > second_threshold)
+    combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
+                           union_score(patched, patched2, first_threshold, second_threshold))
+    joint = Calibration(first_threshold, float(patched_flags.mean()), float(clean_flags.mean()), combined_auc, criterion)
+    return joint, _operating_point(clean, patched, first_threshold, criterion), _operating_point(clean2, patched2, second_threshold, criterion)
+
+
+def _anchored_criterion(headroom: float) -> str:
+    return f"clean max + {headroom:g} x (max - median)"
+
+
 def _check_criterion(target_fpr: float | None, headroom: float | None) -> None:
     if target_fpr is not None and headroom is not None:
         raise InputError("give target_fpr (an ROC operating point) or headroom (a threshold from the clean scores alone), not both")
@@ -98,16 +119,13 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     patched = _as_scores(patched_scores, "patched_scores")
     _check_criterion(target_fpr, headroom)
     if headroom is not None:
-        threshold = clean_anchored_threshold(clean, headroom)
-        return Calibration(threshold, float((patched > threshold).mean()), float((clean > threshold).mean()), roc_auc(clean, patched),
-                           f"clean max + {headroom:g} x (max - median)")
+        return _operating_point(clean, patched, clean_anchored_threshold(clean, headroom), _anchored_criterion(headroom))
     if target_fpr is not None and not 0.0 <= target_fpr <= 1.0:
         raise InputError(f"target_fpr={target_fpr} must lie in [0, 1]")
     kinds = negative_kind_labels(negative_kinds, clean.size)
     if target_fpr is not None and kinds is not None and np.unique(kinds).size > 1:
         threshold = max(calibrate_threshold(clean[kinds == kind], patched, target_fpr).threshold for kind in np.unique(kinds))
-        return Calibration(threshold, float((patched > threshold).mean()), float((clean > threshold).mean()), roc_auc(clean, patched),
-                           f"fpr<={target_fpr} per negative kind")
+        return _operating_point(clean, patched, threshold, f"fpr<={target_fpr} per negative kind")
     labels = np.concatenate([np.zeros(clean.size), np.ones(patched.size)])
     scores = np.concatenate([clean, patched])
     fpr, tpr, thresholds = roc_curve(labels, scores)
@@ -122,9 +140,7 @@ def calibrate_threshold(clean_scores, patched_scores, target_fpr: float | None =
     else:
         below = scores[scores < lowest_flagged]
         threshold = float((lowest_flagged + below.max()) / 2) if below.size else float(lowest_flagged) - 1e-12
-    flagged_clean = float((clean > threshold).mean())
-    flagged_patched = float((patched > threshold).mean())
-    return Calibration(threshold, flagged_patched, flagged_clean, roc_auc(clean, patched), criterion)
+    return _operating_point(clean, patched, threshold, criterion)
 
 
 MAX_CANDIDATES = 1024  # thresholds tried per score by calibrate_union
@@ -201,31 +217,14 @@ def calibrate_union(clean_scores, patched_scores, clean_second, patched_second, 
     i, j = np.unravel_index(np.lexsort(tuple(np.broadcast_to(k, objective.shape).ravel() for k in keys))[-1], objective.shape)
     first_threshold, second_threshold = float(first_candidates[i]), float(second_candidates[j])
     criterion = "joint youden" if target_fpr is None else f"joint fpr<={target_fpr}" + (" per negative kind" if len(kind_masks) > 1 else "")
-    combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
-                           union_score(patched, patched2, first_threshold, second_threshold))
-    joint = Calibration(first_threshold, float(tpr[i, j]), float(fpr[i, j]), combined_auc, criterion)
-    first = Calibration(first_threshold, float((patched > first_threshold).mean()), float((clean > first_threshold).mean()),
-                        roc_auc(clean, patched), criterion)
-    second = Calibration(second_threshold, float((patched2 > second_threshold).mean()), float((clean2 > second_threshold).mean()),
-                         roc_auc(clean2, patched2), criterion)
-    return joint, first, second
+    return _union_operating_point(clean, patched, clean2, patched2, first_threshold, second_threshold, criterion)
 
 
 def _anchored_union(clean: np.ndarray, patched: np.ndarray, clean2: np.ndarray, patched2: np.ndarray,
                     headroom: float) -> tuple[Calibration, Calibration, Calibration]:
     """:func:`calibrate_union` with clean-anchored thresholds (same return value)."""
-    criterion = f"clean max + {headroom:g} x (max - median)"
-    first_threshold, second_threshold = clean_anchored_threshold(clean, headroom), clean_anchored_threshold(clean2, headroom)
-    clean_flags = (clean > first_threshold) | (clean2 > second_threshold)
-    patched_flags = (patched > first_threshold) | (patched2 > second_threshold)
-    combined_auc = roc_auc(union_score(clean, clean2, first_threshold, second_threshold),
-                           union_score(patched, patched2, first_threshold, second_threshold))
-    joint = Calibration(first_threshold, float(patched_flags.mean()), float(clean_flags.mean()), combined_auc, criterion)
-    first = Calibration(first_threshold, float((patched > first_threshold).mean()), float((clean > first_threshold).mean()),
-                        roc_auc(clean, patched), criterion)
-    second = Calibration(second_threshold, float((patched2 > second_threshold).mean()), float((clean2 > second_threshold).mean()),
-                         roc_auc(clean2, patched2), criterion)
-    return joint, first, second
+    return _union_operating_point(clean, patched, clean2, patched2, clean_anchored_threshold(clean, headroom),
+                                  clean_anchored_threshold(clean2, headroom), _anchored_criterion(headroom))
 
 
 def union_score(first, second, first_threshold: float, second_threshold: float):
